@@ -1,0 +1,49 @@
+"""Lightning callbacks for checkpointing what a crash or a Ctrl-C would otherwise lose."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger("anomaly_rl")
+
+
+class StepCheckpoint(L.Callback):
+    """Save `last.ckpt` every `every` optimiser steps, at a pause, and on Ctrl-C.
+
+    Written to a temporary name and renamed, so a crash while saving leaves the previous good
+    checkpoint intact (the file a NaN-loss stop or a resume relies on).
+    """
+
+    def __init__(self, dirpath: str | Path, every: int, pause_after_steps: int | None = None) -> None:
+        self.dirpath = Path(dirpath)
+        self.every = max(1, int(every))
+        self.pause_after_steps = pause_after_steps
+        self._steps_this_invocation = 0
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.dirpath / "last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)
+        tmp.replace(self.last)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._steps_this_invocation += 1
+        if self.pause_after_steps and self._steps_this_invocation >= self.pause_after_steps:
+            self.save(trainer)
+            log.info("pausing after %d steps; continue with resume=<run folder>", self._steps_this_invocation)
+            trainer.should_stop = True
+        elif self._steps_this_invocation % self.every == 0:
+            self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.save(trainer)
+            log.warning("interrupted: checkpoint saved to %s", self.last)

@@ -1,0 +1,56 @@
+"""A seeded, resumable, endless stream of training batches.
+
+Batch k is a pure function of (seed, k): the shuffle of epoch e depends only on (seed, e). A
+resumed run sets `start_index` to the number of batches it had consumed, so "N steps" and
+"N/2 + resume + N/2" see the same prompts in the same order — Lightning's own restart of a plain
+DataLoader would begin the epoch again, and its prefetching makes an iterator's position an
+unreliable thing to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from anomaly_rl.data.records import Sample
+
+BatchT = TypeVar("BatchT")
+
+
+class ResumableBatches(Generic[BatchT]):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        batch_size: int,
+        seed: int,
+        collate: Callable[[list[Sample]], BatchT],
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(samples) < batch_size:
+            raise ValueError(
+                f"the training split has {len(samples)} samples, fewer than one batch of {batch_size}"
+            )
+        self.samples = list(samples)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.collate = collate
+        self.start_index = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.samples) // self.batch_size
+
+    def samples_at(self, index: int) -> list[Sample]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        start = position * self.batch_size
+        return [self.samples[i] for i in order[start : start + self.batch_size]]
+
+    def __iter__(self) -> Iterator[BatchT]:
+        index = self.start_index
+        while True:
+            yield self.collate(self.samples_at(index))
+            index += 1

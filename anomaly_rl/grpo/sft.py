@@ -1,0 +1,130 @@
+"""The supervised warm start: teacher forcing on the schema's rendered ideal responses.
+
+A from-scratch tiny model cannot be sampled into a valid three-stage answer; GRPO needs a policy
+whose samples already parse. Real checkpoints may skip this (`warm_start.enabled=false`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.grpo.errors import NonFiniteLossError
+from anomaly_rl.grpo.prompts import prepare_prompts
+from anomaly_rl.grpo.schedule import lr_factor
+from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
+from anomaly_rl.schemas.base import Schema
+
+
+@dataclass
+class SFTSettings:
+    max_steps: int = 1000
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    box_grid: int = 1
+    optimizer_factory: Any = None
+
+
+class SFTModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        processor: Any,
+        schema: Schema,
+        batches: ResumableBatches,
+        settings: SFTSettings,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.processor = processor
+        self.schema = schema
+        self.batches = batches
+        self.settings = settings
+        self.step_index = 0
+        # Target wording is sampled: a seeded stream keeps runs (and resumes) reproducible.
+        self.render_rng = random.Random(batches.seed)
+        self.history: list[dict[str, float]] = []
+
+    def train_dataloader(self) -> ResumableBatches:
+        self.batches.start_index = self.step_index
+        return self.batches
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = (self.settings.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=1e-4)))(params)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lr_factor(
+                self.settings.warmup_steps,
+                self.settings.max_steps,
+                self.settings.lr_schedule,
+                self.settings.min_lr_ratio,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["anomaly_rl"] = {
+            "step_index": self.step_index,
+            "render_rng": self.render_rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["anomaly_rl"]
+        self.step_index = int(state["step_index"])
+        self.render_rng.setstate(state["render_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        self.batches.start_index = self.step_index
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        prepared = prepare_prompts(
+            batch.samples, batch.images, batch.references, self.schema, self.processor, self.policy
+        )
+        targets = [
+            self.schema.render(
+                sample,
+                frame.to_model(sample.boxes),
+                self.render_rng,
+                box_grid=self.settings.box_grid,
+                model_size=frame.model_size,
+            )
+            for sample, frame in zip(prepared.samples, prepared.frames, strict=True)
+        ]
+        ids, mask = tokenize_completions(self.processor, targets)
+        logp = completion_logprobs(self.policy, prepared.encoded, ids, mask, 1, temperature=1.0)
+        mask_f = mask.float()
+        loss = -(logp * mask_f).sum() / mask_f.sum().clamp(min=1)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite SFT loss at step {self.step_index}")
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.policy.parameters() if p.requires_grad], self.settings.max_grad_norm
+        )
+        optimizer.step()
+        scheduler.step()
+        self.step_index += 1
+        metrics = {
+            "sft/loss": float(loss.detach()),
+            "sft/grad_norm": float(grad_norm),
+            "sft/lr": float(optimizer.param_groups[0]["lr"]),
+            "time/sft_step_s": time.perf_counter() - t0,
+        }
+        self.history.append(metrics)
+        self.log_dict(metrics, on_step=True, batch_size=len(targets))

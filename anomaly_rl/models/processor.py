@@ -1,0 +1,68 @@
+"""The processor used for every model, tiny or real: Qwen2.5-VL's, without the video processor.
+
+Why a subclass: transformers 5 builds Qwen's video processor on torchvision, which this project
+does not install (and never needs: inputs are still images). The subclass declares only the
+image processor and the tokenizer, so `from_pretrained` loads a real checkpoint's folder and our
+tiny model's folder through the same code, and never touches torchvision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+
+class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL (and Qwen2-VL: same image-token logic) processor for still images only."""
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+    ) -> None:
+        # ProcessorMixin zips positional args with the attributes found in this signature
+        # (image_processor, tokenizer), so the parent's third positional (video processor) is dropped.
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def _get_arguments_from_pretrained(
+        cls, pretrained_model_name_or_path: Any, processor_dict: dict | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """Load the image processor by class, not through AutoImageProcessor.
+
+        Checkpoints name their image processor inconsistently (Qwen2VLImageProcessor,
+        Qwen2_5_VLImageProcessor — a class transformers 5 no longer has), and the auto class would
+        pick the torchvision backend when available; every Qwen-VL checkpoint's settings fit the PIL
+        Qwen2-VL image processor, so we always build that one.
+        """
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
+        image_config = (processor_dict or {}).get("image_processor")
+        if isinstance(image_config, dict):  # processor_config.json (transformers 5 layout)
+            config = {k: v for k, v in image_config.items() if k != "image_processor_type"}
+            image_processor = Qwen2VLImageProcessorPil(**config)
+        else:  # preprocessor_config.json (the layout of published checkpoints)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return [image_processor, tokenizer]
+
+
+def fixed_size_image_processor(
+    image_size: int, *, patch_size: int, merge_size: int, temporal_patch_size: int = 2
+) -> Qwen2VLImageProcessorPil:
+    """A PIL image processor whose min = max pixel budget is image_size**2.
+
+    With both bounds equal, a square image_size input is left at image_size x image_size, giving an
+    (image_size / patch_size)^2 patch grid; other shapes keep their aspect ratio at about that area.
+    """
+    factor = patch_size * merge_size
+    if image_size % factor:
+        raise ValueError(
+            f"model.tiny.image_size={image_size} must be a multiple of patch_size*spatial_merge_size={factor}"
+        )
+    pixels = image_size * image_size
+    return Qwen2VLImageProcessorPil(
+        min_pixels=pixels,
+        max_pixels=pixels,
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
+    )

@@ -1,0 +1,53 @@
+"""Saving and loading the trained part of a policy (the adapter under LoRA, all weights otherwise).
+
+Only parameters that train are written: a LoRA run's folder holds megabytes, not the base model,
+and loading checks that every one of them found its place in the model it is loaded into.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS_FILE = "weights.pt"
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
+
+
+def save_policy(model: torch.nn.Module, processor: Any, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    torch.save(trainable_state_dict(model), tmp)
+    tmp.replace(folder / WEIGHTS_FILE)  # atomic: a crash mid-write never leaves a torn file
+    if processor is not None:
+        processor.save_pretrained(folder / "processor")
+    return folder
+
+
+def load_policy_weights(model: torch.nn.Module, folder: str | Path) -> int:
+    """Load weights saved by `save_policy`; returns the number of tensors loaded."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no trained weights at {path}: expected a run folder written by `anomaly_rl.train` "
+            "(its `final/` or `sft/` sub-folder holds weights.pt)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(
+            f"{path} holds {len(unknown)} tensors this model does not have (first: {unknown[:3]}); "
+            "was it trained with another model config or LoRA setting?"
+        )
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, model expects {tuple(own[key].shape)}")
+    model.load_state_dict(state, strict=False)
+    return len(state)

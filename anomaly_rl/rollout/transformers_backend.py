@@ -1,0 +1,216 @@
+"""Group sampling with plain transformers: prefill each prompt once, then decode G continuations.
+
+Why not `model.generate(num_return_sequences=G)`: it copies every prompt G times before the first
+forward pass, so the vision tower and the prefill run B*G times instead of B. Here the prompt is
+prefilled once, its KV cache is repeated G times, and a small sampling loop decodes all B*G rows,
+recording the log-probability of every drawn token (GRPO's pi_old) on the way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anomaly_rl.models.processing import EncodedPrompts, prompt_embeddings, unwrap_model
+from anomaly_rl.rollout.base import Rollout
+
+
+class SamplingError(ValueError):
+    """Invalid sampling settings."""
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; use whichever this version takes."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def suppression_mask(vocab_size: int, suppress_token_ids: Sequence[int], device: torch.device) -> Tensor:
+    """[V] bool, True for tokens that must never be drawn."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    if len(suppress_token_ids):
+        mask[torch.as_tensor(list(suppress_token_ids), device=device)] = True
+    return mask
+
+
+def draw_tokens(
+    logits: Tensor, suppress: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Draw one token per row; return (tokens [N], their log-probs [N]).
+
+    The log-prob is read from the temperature-scaled, suppression-masked distribution before top-p
+    filtering (see Rollout.sampling_logp).
+    """
+    logits = logits.float().masked_fill(suppress, float("-inf"))
+    if temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+    else:
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        probs = logp.exp()
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the mass
+            # strictly before it already reaches top_p (so the most likely token always stays).
+            drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    enc: EncodedPrompts,
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] = (),
+    suppress_token_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `group_size` responses for each encoded prompt (rows b*G .. b*G+G-1 answer prompt b).
+
+    The model is put in eval mode while sampling (dropout off, so that sampling_logp is the policy's
+    log-prob) and restored afterwards. `generator` must live on the model's device. An empty
+    `eos_token_ids` forces every row to run max_new_tokens tokens.
+    """
+    if group_size < 1 or max_new_tokens < 1:
+        raise SamplingError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise SamplingError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    clash = set(eos_token_ids) & set(suppress_token_ids)
+    if clash:
+        raise SamplingError(f"tokens {sorted(clash)} are both stop tokens and never-sampled tokens")
+
+    base = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(
+            base, model, enc, group_size, max_new_tokens, temperature, top_p, eos_token_ids, suppress_token_ids, generator
+        )
+    finally:
+        model.train(was_training)
+
+
+def _sample(
+    base: nn.Module,
+    model: nn.Module,
+    enc: EncodedPrompts,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_ids: Sequence[int],
+    suppress_token_ids: Sequence[int],
+    generator: torch.Generator | None,
+) -> Rollout:
+    device = enc.input_ids.device
+    cache_kw = _cache_kwarg(base)
+    n_rows = enc.num_prompts * group_size
+
+    out = base(
+        inputs_embeds=prompt_embeddings(model, enc),
+        attention_mask=enc.attention_mask,
+        position_ids=enc.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = _returned_cache(out)
+    cache.batch_repeat_interleave(group_size)  # rows b*G..b*G+G-1 share prompt b's keys/values
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+    suppress = suppression_mask(logits.shape[-1], suppress_token_ids, device)
+    eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    prompt_mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
+    next_position = enc.next_position.repeat_interleave(group_size)
+
+    ids = torch.full((n_rows, max_new_tokens), enc.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
+    mask = torch.zeros((n_rows, max_new_tokens), dtype=torch.long, device=device)
+    stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    active = torch.arange(n_rows, device=device)  # rows still decoding, in the cache's row order
+
+    for t in range(max_new_tokens):
+        tokens, token_logp = draw_tokens(logits, suppress, temperature, top_p, generator)
+        ids[active, t] = tokens
+        logps[active, t] = token_logp
+        mask[active, t] = 1
+        hit = torch.isin(tokens, eos) if eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
+        stopped[active[hit]] = True
+        if t == max_new_tokens - 1 or bool(hit.all()):
+            break
+        if bool(hit.any()):
+            # Drop finished rows from the batch: later steps cost only what is still running.
+            keep = (~hit).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, tokens = active[keep], tokens[keep]
+        attention = torch.cat(
+            [prompt_mask[active], torch.ones((len(active), t + 1), dtype=prompt_mask.dtype, device=device)], dim=1
+        )
+        position = (next_position[active] + t).view(1, -1, 1).expand(3, -1, 1)
+        out = base(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=attention,
+            position_ids=position,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        cache = _returned_cache(out)
+        logits = out.logits[:, -1]
+
+    length = int(mask.sum(dim=1).max())
+    ids, logps, mask = ids[:, :length], logps[:, :length], mask[:, :length]
+    texts = enc.tokenizer.batch_decode(
+        [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)], skip_special_tokens=True
+    )
+    return Rollout(
+        prompt_ids=enc.input_ids,
+        prompt_mask=enc.attention_mask,
+        completion_ids=ids,
+        completion_mask=mask,
+        sampling_logp=logps,
+        texts=texts,
+        truncated=~stopped,
+        group_size=group_size,
+    )
+
+
+class TransformersBackend:
+    """The default RolloutBackend."""
+
+    def sample(
+        self,
+        model: nn.Module,
+        enc: EncodedPrompts,
+        group_size: int,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_ids: Sequence[int],
+        suppress_token_ids: Sequence[int],
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        return sample(
+            model,
+            enc,
+            group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_ids=eos_token_ids,
+            suppress_token_ids=suppress_token_ids,
+            generator=generator,
+        )

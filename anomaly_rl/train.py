@@ -1,0 +1,314 @@
+"""`python -m anomaly_rl.train`: SFT warm start -> evaluate -> GRPO -> evaluate [-> SFT control].
+
+The run folder (Hydra's timestamped output dir) receives the resolved config, per-phase
+checkpoints, the trained weights (`sft/`, `final/`), one evaluation folder per row and
+`results.json` / `results.md` with the rows side by side. `resume=RUN_DIR` continues an
+interrupted run in its own folder: finished phases are loaded, not redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from anomaly_rl.callbacks import StepCheckpoint
+from anomaly_rl.evaluation.report import comparison_markdown
+from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
+from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
+from anomaly_rl.grpo.sft import SFTModule, SFTSettings
+from anomaly_rl.models.loading import load_model_and_processor
+from anomaly_rl.models.weights import load_policy_weights, save_policy
+from anomaly_rl.rollout.logprobs import make_reference, needs_reference_copy, reference_context
+from anomaly_rl.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from anomaly_rl.utils.task import save_resolved_config, task_wrapper, write_json
+
+log = logging.getLogger("anomaly_rl")
+
+
+class RunState:
+    """Which phases of a run are finished, and the evaluation rows so far (`state.json`)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "state.json"
+        self.data: dict[str, Any] = {"completed": [], "rows": {}, "seconds": {}}
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+
+    def done(self, phase: str) -> bool:
+        return phase in self.data["completed"]
+
+    def finish(self, phase: str, seconds: float | None = None) -> None:
+        if phase not in self.data["completed"]:
+            self.data["completed"].append(phase)
+        if seconds is not None:
+            self.data["seconds"][phase] = seconds
+        write_json(self.path, self.data)
+
+    def add_row(self, name: str, metrics: dict[str, Any]) -> None:
+        self.data["rows"][name] = metrics
+        write_json(self.path, self.data)
+
+
+def reference_factory(model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The frozen reference: the adapter switched off under LoRA, else a frozen copy of the start."""
+    frozen_copy = make_reference(model) if needs_reference_copy(model) else None
+    return lambda: reference_context(model, frozen_copy)
+
+
+def _phase_trainer(
+    cfg: DictConfig, run_dir: Path, phase: str, max_optimizer_steps: int, max_minutes: float | None
+) -> tuple[L.Trainer, StepCheckpoint]:
+    checkpoint = StepCheckpoint(
+        run_dir / "checkpoints" / phase,
+        every=int(cfg.get("checkpoint_every", 50)),
+        pause_after_steps=cfg.get("pause_after_steps"),
+    )
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:  # one CSV folder per phase: each phase's steps start again at 0
+        if isinstance(logger, L.pytorch.loggers.CSVLogger):
+            logger._version = phase
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_steps=max_optimizer_steps,
+        max_epochs=-1,
+        max_time={"minutes": max_minutes} if max_minutes else None,
+        logger=loggers or False,
+        callbacks=[*instantiate_callbacks(cfg.get("callbacks")), checkpoint],
+        enable_checkpointing=False,
+        default_root_dir=str(run_dir),
+    )
+    return trainer, checkpoint
+
+
+def _fit(module: L.LightningModule, trainer: L.Trainer, checkpoint: StepCheckpoint) -> float:
+    ckpt_path = str(checkpoint.last) if checkpoint.last.is_file() else None
+    if ckpt_path:
+        log.info("resuming %s from %s", type(module).__name__, ckpt_path)
+    start = time.perf_counter()
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return time.perf_counter() - start
+
+
+def _sft_settings(algo_cfg: DictConfig) -> SFTSettings:
+    return SFTSettings(
+        max_steps=int(algo_cfg.max_steps),
+        warmup_steps=int(algo_cfg.warmup_steps),
+        lr_schedule=str(algo_cfg.lr_schedule),
+        min_lr_ratio=float(algo_cfg.min_lr_ratio),
+        max_grad_norm=float(algo_cfg.max_grad_norm),
+        box_grid=int(algo_cfg.box_grid),
+        optimizer_factory=hydra.utils.instantiate(algo_cfg.optimizer),
+    )
+
+
+def grpo_settings(algo_cfg: DictConfig, num_references: int) -> GRPOSettings:
+    return GRPOSettings(
+        group_size=int(algo_cfg.group_size),
+        prompts_per_step=int(algo_cfg.prompts_per_step),
+        temperature=float(algo_cfg.temperature),
+        top_p=float(algo_cfg.top_p),
+        max_new_tokens=int(algo_cfg.max_new_tokens),
+        beta=float(algo_cfg.beta),
+        eps_low=float(algo_cfg.eps_low),
+        eps_high=float(algo_cfg.eps_high),
+        loss_type=str(algo_cfg.loss_type),
+        scale_rewards=str(algo_cfg.scale_rewards),
+        advantage_eps=float(algo_cfg.advantage_eps),
+        num_iterations=int(algo_cfg.num_iterations),
+        mini_batches=int(algo_cfg.mini_batches),
+        max_grad_norm=float(algo_cfg.max_grad_norm),
+        max_steps=int(algo_cfg.max_steps),
+        warmup_steps=int(algo_cfg.warmup_steps),
+        lr_schedule=str(algo_cfg.lr_schedule),
+        min_lr_ratio=float(algo_cfg.min_lr_ratio),
+        logprob_chunk_size=int(algo_cfg.logprob_chunk_size),
+        dynamic_sampling=bool(algo_cfg.dynamic_sampling.enabled),
+        dynamic_max_rounds=int(algo_cfg.dynamic_sampling.max_rounds),
+        log_samples_every=int(algo_cfg.log_samples_every),
+        num_references=num_references,
+        optimizer_factory=hydra.utils.instantiate(algo_cfg.optimizer),
+    )
+
+
+def _resolve_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """A resumed run continues in its own folder, under the config it was started with."""
+    if not cfg.get("resume"):
+        return cfg, Path(cfg.paths.output_dir)
+    run_dir = Path(cfg.resume).expanduser().resolve()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: no config.yaml there — not a run folder of anomaly_rl.train")
+    resumed = OmegaConf.load(saved)
+    with open_dict(resumed):
+        resumed.resume = str(run_dir)
+        if cfg.get("pause_after_steps") is not None:
+            resumed.pause_after_steps = cfg.pause_after_steps
+        else:
+            resumed.pause_after_steps = None
+    return resumed, run_dir
+
+
+def _check_init_from(init_from: str | None) -> Path | None:
+    if not init_from:
+        return None
+    folder = Path(init_from).expanduser()
+    for sub in ("final", "sft"):
+        if (folder / sub / "weights.pt").is_file():
+            return folder / sub
+    if (folder / "weights.pt").is_file():
+        return folder
+    raise FileNotFoundError(
+        f"init_from={init_from}: no weights found (looked for final/weights.pt and sft/weights.pt "
+        "in that folder); give the folder of a finished anomaly_rl.train run"
+    )
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run every phase the config asks for; returns the evaluation rows (or where it paused)."""
+    try:
+        return _run_phases(cfg)
+    except _Paused as paused:
+        log.info(str(paused))
+        return {"paused": str(paused), "rows": {}}
+
+
+def _run_phases(cfg: DictConfig) -> dict[str, Any]:
+    cfg, run_dir = _resolve_run_dir(cfg)
+    init_folder = _check_init_from(cfg.get("init_from"))
+    save_resolved_config(cfg, run_dir) if not cfg.get("resume") else None
+    L.seed_everything(int(cfg.seed), workers=True)
+    state = RunState(run_dir)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    model, processor = load_model_and_processor(cfg.model)
+    schema = hydra.utils.instantiate(cfg.schema)
+    reward = hydra.utils.instantiate(cfg.reward)
+    num_references = int(cfg.data.get("num_references", 0) or 0)
+    algo = str(cfg.algo.name)
+    if algo == "grpo":
+        settings = grpo_settings(cfg.algo, num_references)
+        settings.validate(int(getattr(schema, "min_new_tokens", 1)))
+    log.info("run folder: %s", run_dir)
+
+    def evaluate_row(name: str) -> None:
+        if not cfg.eval.enabled or name in state.data["rows"]:
+            return
+        metrics = evaluate_to_folder(
+            model, processor, schema, datamodule, run_dir / f"eval_{name}",
+            split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
+            max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
+        )
+        state.add_row(name, metrics["overall"])
+
+    def run_sft(phase: str, algo_cfg: DictConfig, max_minutes: float | None = None, max_steps: int | None = None) -> None:
+        if state.done(phase):
+            load_policy_weights(model, run_dir / phase)
+            return
+        sft = _sft_settings(algo_cfg)
+        if max_steps is not None:
+            sft.max_steps = max_steps
+        batches = ResumableBatches(
+            datamodule.train_samples, int(algo_cfg.batch_size), int(cfg.seed), load_batch
+        )
+        module = SFTModule(model, processor, schema, batches, sft)
+        minutes = max_minutes if max_minutes is not None else algo_cfg.get("max_minutes")
+        trainer, checkpoint = _phase_trainer(cfg, run_dir, phase, sft.max_steps, minutes)
+        seconds = _fit(module, trainer, checkpoint)
+        if module.step_index < sft.max_steps and not _timed_out(trainer):
+            raise _Paused(phase, module.step_index)
+        save_policy(model, processor, run_dir / phase)
+        state.finish(phase, seconds)
+
+    # ------------------------------------------------------------------ phases
+    if init_folder is not None:
+        log.info("initialising from %s", init_folder)
+        load_policy_weights(model, init_folder)
+    if algo == "sft":
+        run_sft("final", cfg.algo)
+        evaluate_row("sft")
+    else:
+        if cfg.warm_start.enabled and init_folder is None:
+            run_sft("sft", cfg.warm_start)
+        start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if cfg.eval.before_grpo:
+            evaluate_row("start")
+        if not state.done("final"):
+            batches = ResumableBatches(
+                datamodule.train_samples, settings.prompts_per_step, int(cfg.seed), load_batch
+            )
+            module = GRPOModule(
+                model, processor, schema, reward, batches, settings, reference_factory(model),
+                sample_logger=_sample_logger(cfg),
+            )
+            updates = settings.max_steps * settings.num_iterations * settings.mini_batches
+            trainer, checkpoint = _phase_trainer(cfg, run_dir, "grpo", updates, cfg.algo.get("max_minutes"))
+            seconds = _fit(module, trainer, checkpoint)
+            if module.rollout_step < settings.max_steps and not _timed_out(trainer):
+                raise _Paused("grpo", module.rollout_step)
+            save_policy(model, processor, run_dir / "final")
+            write_json(run_dir / "grpo_history.json", module.history)
+            state.finish("final", seconds)
+        else:
+            load_policy_weights(model, run_dir / "final")
+        if cfg.eval.after_grpo:
+            evaluate_row("grpo")
+        if cfg.control.enabled:
+            # The honest baseline: the same wall time spent on more SFT from the same start.
+            model.load_state_dict(start_weights)
+            grpo_seconds = float(state.data["seconds"].get("final", 0.0))
+            run_sft("control", cfg.warm_start, max_minutes=grpo_seconds / 60.0, max_steps=10**9)
+            evaluate_row("sft_control")
+
+    rows = dict(state.data["rows"])
+    if cfg.eval.enabled and hasattr(datamodule, "test_samples"):
+        rows["median_box"] = {"box_mIoU": median_box_baseline(datamodule.train_samples, datamodule.test_samples)}
+    results = {"run_dir": str(run_dir), "rows": rows, "seconds": state.data["seconds"]}
+    write_json(run_dir / "results.json", results)
+    table = comparison_markdown(rows)
+    (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return results
+
+
+class _Paused(Exception):
+    """A phase stopped before its step budget (pause_after_steps): not a failure, resume later."""
+
+    def __init__(self, phase: str, step: int) -> None:
+        super().__init__(f"phase {phase} paused at step {step}; continue with resume=<run folder>")
+
+
+def _timed_out(trainer: L.Trainer) -> bool:
+    """True when the phase ended on its `max_minutes` budget (Lightning's Timer callback)."""
+    timers = [c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer)]
+    return any((t.time_remaining() or 0.0) <= 0 for t in timers)
+
+
+def _sample_logger(cfg: DictConfig) -> Any:
+    from anomaly_rl.evaluation.wandb_tables import log_rollout_table
+
+    return log_rollout_table
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    grpo = results["rows"].get("grpo") or results["rows"].get("sft") or {}
+    value = grpo.get("image_BalancedAccuracy")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

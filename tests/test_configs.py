@@ -1,0 +1,70 @@
+"""Every experiment composes, and its data module, model config and trainer instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def test_there_are_experiments() -> None:
+    assert EXPERIMENTS, "conf/experiment/ holds no experiment"
+
+
+def test_default_composes_and_instantiates(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [])
+    assert cfg.algo.name == "grpo" and cfg.warm_start.name == "sft"
+    assert cfg.schema._target_ and cfg.reward._target_
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert hasattr(datamodule, "setup")
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], max_steps=1)
+    assert trainer.max_steps == 1
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_train(tmp_path, [f"+experiment={experiment}"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert hasattr(datamodule, "setup")
+    assert cfg.model.name
+    schema = hydra.utils.instantiate(cfg.schema)
+    reward = hydra.utils.instantiate(cfg.reward)
+    assert schema.tags and callable(reward)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], max_steps=1)
+    assert trainer.max_steps == 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["schema=r1", "reward=binary"], ["schema=direct", "reward=roam"], ["reward=iou"], ["logger=wandb"]],
+)
+def test_group_switches_compose(tmp_path: Path, overrides: list[str]) -> None:
+    cfg = compose_train(tmp_path, overrides)
+    hydra.utils.instantiate(cfg.schema)
+    hydra.utils.instantiate(cfg.reward)
+
+
+def test_eval_config_composes(tmp_path: Path) -> None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval", overrides=[], return_hydra_config=True)
+    assert cfg.task_name == "evaluate"
