@@ -67,11 +67,16 @@ def reference_factory(model: torch.nn.Module) -> Callable[[], contextlib.Abstrac
 
 
 def _phase_trainer(
-    cfg: DictConfig, run_dir: Path, phase: str, max_optimizer_steps: int, max_minutes: float | None
+    cfg: DictConfig,
+    run_dir: Path,
+    phase: str,
+    max_optimizer_steps: int,
+    max_minutes: float | None,
+    checkpoint_every: int,
 ) -> tuple[L.Trainer, StepCheckpoint]:
     checkpoint = StepCheckpoint(
         run_dir / "checkpoints" / phase,
-        every=int(cfg.get("checkpoint_every", 50)),
+        every=checkpoint_every,
         pause_after_steps=cfg.get("pause_after_steps"),
     )
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -225,7 +230,9 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         )
         module = SFTModule(model, processor, schema, batches, sft)
         minutes = max_minutes if max_minutes is not None else algo_cfg.get("max_minutes")
-        trainer, checkpoint = _phase_trainer(cfg, run_dir, phase, sft.max_steps, minutes)
+        trainer, checkpoint = _phase_trainer(
+            cfg, run_dir, phase, sft.max_steps, minutes, int(algo_cfg.checkpoint_every)
+        )
         seconds = _fit(module, trainer, checkpoint)
         if module.step_index < sft.max_steps and not _timed_out(trainer):
             raise _Paused(phase, module.step_index)
@@ -254,7 +261,9 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
                 sample_logger=_sample_logger(cfg),
             )
             updates = settings.max_steps * settings.num_iterations * settings.mini_batches
-            trainer, checkpoint = _phase_trainer(cfg, run_dir, "grpo", updates, cfg.algo.get("max_minutes"))
+            trainer, checkpoint = _phase_trainer(
+                cfg, run_dir, "grpo", updates, cfg.algo.get("max_minutes"), int(cfg.algo.checkpoint_every)
+            )
             seconds = _fit(module, trainer, checkpoint)
             if module.rollout_step < settings.max_steps and not _timed_out(trainer):
                 raise _Paused("grpo", module.rollout_step)
@@ -277,9 +286,10 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         rows["median_box"] = {"box_mIoU": median_box_baseline(datamodule.train_samples, datamodule.test_samples)}
     results = {"run_dir": str(run_dir), "rows": rows, "seconds": state.data["seconds"]}
     write_json(run_dir / "results.json", results)
-    table = comparison_markdown(rows)
-    (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
+    if any(name != "median_box" for name in rows):
+        table = comparison_markdown(rows)
+        (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+        print(table)
     return results
 
 

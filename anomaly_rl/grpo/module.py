@@ -228,9 +228,10 @@ class GRPOModule(L.LightningModule):
     ) -> Any:
         prompts = prompts or slice(0, len(prepared.samples))
         encoded = select_prompts(prepared.encoded, prompts)
-        if torch.is_grad_enabled() and not vision_is_frozen(self.policy):
+        if not vision_is_frozen(self.policy) and (torch.is_grad_enabled() or model is not self.policy):
             # A training vision tower changes every update: its features are recomputed (once per
-            # prompt per update) so that they carry this update's gradient.
+            # prompt per update) so that they carry this update's gradient; a frozen-copy reference
+            # sees the images through its own (start-of-GRPO) vision tower.
             encoded = with_image_features_from(model, encoded)
         rows = self._row_slice(prompts)
         return completion_logprobs(

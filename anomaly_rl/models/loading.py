@@ -67,7 +67,9 @@ def resolve_model_dir(cfg: Mapping[str, Any]) -> Path:
     if name == "tiny" and not path:
         cache_dir = cfg.get("cache_dir")
         if not cache_dir:
-            raise ModelConfigError("model.cache_dir must be set to build the tiny model (default ${paths.cache_dir}/tiny_models)")
+            raise ModelConfigError(
+                "model.cache_dir must be set to build the tiny model (default ${paths.cache_dir}/tiny_models)"
+            )
         return tiny_model_dir(TinyModelSpec.from_mapping(cfg.get("tiny")), cache_dir)
     repo = cfg.get("hf_repo") or KNOWN_MODELS[name][1] or "<repo>"
     how = (
@@ -78,7 +80,9 @@ def resolve_model_dir(cfg: Mapping[str, Any]) -> Path:
         raise ModelWeightsNotFoundError(f"model.path is not set for model.name={name}; {how}")
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
-        raise ModelWeightsNotFoundError(f"model.path={folder} holds no config.json (model.name={name}); {how}")
+        raise ModelWeightsNotFoundError(
+            f"model.path={folder} holds no config.json (model.name={name}); {how}"
+        )
     return folder
 
 
@@ -148,7 +152,9 @@ def apply_finetuning(model: PreTrainedModel, cfg: Mapping[str, Any]) -> PreTrain
             r=int(lora.get("r", 64)),
             lora_alpha=int(lora.get("alpha", 128)),
             lora_dropout=float(lora.get("dropout", 0.05)),
-            target_modules=lora_target_modules(model, lora.get("target_modules", "all-linear"), freeze_vision),
+            target_modules=lora_target_modules(
+                model, lora.get("target_modules", "all-linear"), freeze_vision
+            ),
             bias="none",
         )
         model = get_peft_model(model, peft_config)
@@ -158,7 +164,9 @@ def apply_finetuning(model: PreTrainedModel, cfg: Mapping[str, Any]) -> PreTrain
     return model
 
 
-def load_model_and_processor(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel | PeftModel, ImageOnlyQwenVLProcessor]:
+def load_model_and_processor(
+    cfg: Mapping[str, Any],
+) -> tuple[PreTrainedModel | PeftModel, ImageOnlyQwenVLProcessor]:
     """Load the model named by the `model` config group, ready to train, and its processor."""
     folder = resolve_model_dir(cfg)
     name = cfg.get("name")

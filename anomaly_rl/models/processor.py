@@ -18,7 +18,11 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL (and Qwen2-VL: same image-token logic) processor for still images only."""
 
     def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
     ) -> None:
         # ProcessorMixin zips positional args with the attributes found in this signature
         # (image_processor, tokenizer), so the parent's third positional (video processor) is dropped.
@@ -41,7 +45,9 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
             config = {k: v for k, v in image_config.items() if k != "image_processor_type"}
             image_processor = Qwen2VLImageProcessorPil(**config)
         else:  # preprocessor_config.json (the layout of published checkpoints)
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+                pretrained_model_name_or_path, **kwargs
+            )
         return [image_processor, tokenizer]
 
 

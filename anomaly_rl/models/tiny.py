@@ -83,10 +83,14 @@ class TinyModelSpec:
                 f"model.tiny.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
             )
         if (self.hidden_size // self.num_heads) % 8:
-            raise TinyModelConfigError("model.tiny: hidden_size/num_heads must be a multiple of 8 (mrope sections)")
+            raise TinyModelConfigError(
+                "model.tiny: hidden_size/num_heads must be a multiple of 8 (mrope sections)"
+            )
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
-            raise TinyModelConfigError(f"model.tiny.num_heads={self.num_heads} not divisible by num_kv_heads={kv}")
+            raise TinyModelConfigError(
+                f"model.tiny.num_heads={self.num_heads} not divisible by num_kv_heads={kv}"
+            )
         if self.vision_hidden_size % self.vision_heads or (self.vision_hidden_size // self.vision_heads) % 4:
             raise TinyModelConfigError(
                 "model.tiny: vision_hidden_size/vision_heads must be an integer multiple of 4 (2D rotary)"
@@ -121,7 +125,9 @@ def mrope_section(head_dim: int) -> list[int]:
 def build_tiny(spec: TinyModelSpec, corpus: Sequence[str]) -> tuple[Qwen2_5_VLForConditionalGeneration, Any]:
     """Build the tokenizer, processor and randomly initialised model in memory."""
     spec.validate()
-    tokenizer = build_tokenizer(corpus, max_coordinate=spec.coordinate_max, bpe_vocab_size=spec.bpe_vocab_size)
+    tokenizer = build_tokenizer(
+        corpus, max_coordinate=spec.coordinate_max, bpe_vocab_size=spec.bpe_vocab_size
+    )
     image_processor = fixed_size_image_processor(
         spec.image_size, patch_size=spec.patch_size, merge_size=spec.spatial_merge_size
     )
@@ -211,7 +217,9 @@ def tiny_model_dir(
     try:
         model.save_pretrained(scratch)
         processor.save_pretrained(scratch)
-        (scratch / "tiny_spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2, sort_keys=True))
+        (scratch / "tiny_spec.json").write_text(
+            json.dumps(dataclasses.asdict(spec), indent=2, sort_keys=True)
+        )
         try:
             os.replace(scratch, folder)
         except OSError:

@@ -48,7 +48,9 @@ class Rollout:
     @property
     def prompt_index(self) -> Tensor:
         """[B*G] the prompt each row answers."""
-        return torch.arange(self.num_prompts, device=self.prompt_ids.device).repeat_interleave(self.group_size)
+        return torch.arange(self.num_prompts, device=self.prompt_ids.device).repeat_interleave(
+            self.group_size
+        )
 
     @property
     def completion_lengths(self) -> Tensor:

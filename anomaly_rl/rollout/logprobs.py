@@ -23,7 +23,9 @@ class ScoringError(ValueError):
     """Completions do not fit the encoded prompts."""
 
 
-def _check_rows(enc: EncodedPrompts, completion_ids: Tensor, completion_mask: Tensor, group_size: int) -> None:
+def _check_rows(
+    enc: EncodedPrompts, completion_ids: Tensor, completion_mask: Tensor, group_size: int
+) -> None:
     if completion_ids.shape != completion_mask.shape or completion_ids.ndim != 2:
         raise ScoringError(
             f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(completion_mask.shape)} must be equal [N, T]"
@@ -54,7 +56,13 @@ def _completion_logits(
     completion_pos = (enc.next_position[prompt_rows].unsqueeze(1) + steps).unsqueeze(0).expand(3, -1, -1)
     position = torch.cat([enc.position_ids[:, prompt_rows], completion_pos], dim=2)
     # The last T+1 positions: position P-1+t predicts completion token t; the final one is unused.
-    out = base(inputs_embeds=embeds, attention_mask=attention, position_ids=position, use_cache=False, logits_to_keep=t_len + 1)
+    out = base(
+        inputs_embeds=embeds,
+        attention_mask=attention,
+        position_ids=position,
+        use_cache=False,
+        logits_to_keep=t_len + 1,
+    )
     return out.logits[:, :-1]
 
 
@@ -79,11 +87,15 @@ def completion_logprobs(
     Rows are processed `chunk_size` at a time: this bounds the [rows, T, vocab] logits and their
     log-softmax, the largest tensors for real vocabularies. Autograd still keeps each chunk's
     activations until backward; to bound those too, call this per micro-batch and backward each.
+    When the vision tower trains, enc.image_features carry one graph shared by all chunks: take a
+    single backward over the total (or pass retain_graph=True).
     With return_entropy, also returns the [N, T] entropy of the same distributions (0 on padding).
     """
     _check_rows(enc, completion_ids, completion_mask, group_size)
     if temperature <= 0:
-        raise ScoringError(f"scoring temperature must be > 0, got {temperature} (greedy samples score at 1.0)")
+        raise ScoringError(
+            f"scoring temperature must be > 0, got {temperature} (greedy samples score at 1.0)"
+        )
     n_rows = completion_ids.shape[0]
     embeds = prompt_embeddings(model, enc)
     vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
@@ -139,7 +151,9 @@ def answer_probabilities(
     return torch.softmax(at[:, cand], dim=-1)
 
 
-def tokenize_completions(processor: Any, texts: Sequence[str], eos: str | int | None = "<|im_end|>") -> tuple[Tensor, Tensor]:
+def tokenize_completions(
+    processor: Any, texts: Sequence[str], eos: str | int | None = "<|im_end|>"
+) -> tuple[Tensor, Tensor]:
     """(ids [N, T], mask [N, T]) right-padded targets for teacher forcing, each ended by `eos`.
 
     The chat template closes an assistant turn with <|im_end|>; ending SFT targets with it teaches
@@ -187,4 +201,6 @@ def reference_context(model: nn.Module, ref_model: nn.Module | None = None) -> I
             with model.disable_adapter():
                 yield model
         else:
-            raise ScoringError("full fine-tuning needs a reference copy: pass ref_model=make_reference(model)")
+            raise ScoringError(
+                "full fine-tuning needs a reference copy: pass ref_model=make_reference(model)"
+            )

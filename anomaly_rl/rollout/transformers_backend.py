@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from anomaly_rl.models.processing import EncodedPrompts, prompt_embeddings, unwrap_model
 from anomaly_rl.rollout.base import Rollout
@@ -32,6 +33,66 @@ def _cache_kwarg(model: nn.Module) -> str:
 def _returned_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes into a buffer with room for the whole response.
+
+    transformers' DynamicLayer concatenates the full cache at every decoded token (O(length) copies
+    per step; a third of decode time for the tiny model). This layer reserves `reserve` extra slots
+    at prefill and exposes views of the filled part, so each step writes only the new token.
+    """
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__()
+        self.reserve = reserve
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self._len = 0
+
+    def _expose(self) -> None:
+        self.keys = self._k[:, :, : self._len]
+        self.values = self._v[:, :, : self._len]
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self._k is None or self._len + n > self._k.shape[-2]:
+            b, h, _, _ = key_states.shape
+            capacity = self._len + n + self.reserve
+            k = key_states.new_empty((b, h, capacity, key_states.shape[-1]))
+            v = value_states.new_empty((b, h, capacity, value_states.shape[-1]))
+            if self._len:
+                k[:, :, : self._len] = self._k[:, :, : self._len]
+                v[:, :, : self._len] = self._v[:, :, : self._len]
+            self._k, self._v = k, v
+        self._k[:, :, self._len : self._len + n] = key_states
+        self._v[:, :, self._len : self._len + n] = value_states
+        self._len += n
+        self._expose()
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._len:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._expose()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self._len:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._expose()
+
+
+def _decode_cache(model: nn.Module, reserve: int) -> DynamicCache:
+    """A DynamicCache whose full-attention layers preallocate room for `reserve` new tokens."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_PreallocatedLayer(reserve) for _ in cache.layers]
+    return cache
 
 
 def suppression_mask(vocab_size: int, suppress_token_ids: Sequence[int], device: torch.device) -> Tensor:
@@ -94,22 +155,29 @@ def sample(
     if clash:
         raise SamplingError(f"tokens {sorted(clash)} are both stop tokens and never-sampled tokens")
 
-    base = unwrap_model(model)
     was_training = model.training
     model.eval()
     try:
         return _sample(
-            base, model, enc, group_size, max_new_tokens, temperature, top_p, eos_token_ids, suppress_token_ids, generator
+            model,
+            enc,
+            group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_ids=eos_token_ids,
+            suppress_token_ids=suppress_token_ids,
+            generator=generator,
         )
     finally:
         model.train(was_training)
 
 
 def _sample(
-    base: nn.Module,
     model: nn.Module,
     enc: EncodedPrompts,
     group_size: int,
+    *,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -117,6 +185,7 @@ def _sample(
     suppress_token_ids: Sequence[int],
     generator: torch.Generator | None,
 ) -> Rollout:
+    base = unwrap_model(model)
     device = enc.input_ids.device
     cache_kw = _cache_kwarg(base)
     n_rows = enc.num_prompts * group_size
@@ -127,6 +196,7 @@ def _sample(
         position_ids=enc.position_ids,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_kw: _decode_cache(base, max_new_tokens)},
     )
     cache = _returned_cache(out)
     cache.batch_repeat_interleave(group_size)  # rows b*G..b*G+G-1 share prompt b's keys/values
@@ -157,7 +227,8 @@ def _sample(
             cache.batch_select_indices(keep)
             active, tokens = active[keep], tokens[keep]
         attention = torch.cat(
-            [prompt_mask[active], torch.ones((len(active), t + 1), dtype=prompt_mask.dtype, device=device)], dim=1
+            [prompt_mask[active], torch.ones((len(active), t + 1), dtype=prompt_mask.dtype, device=device)],
+            dim=1,
         )
         position = (next_position[active] + t).view(1, -1, 1).expand(3, -1, 1)
         out = base(

@@ -49,13 +49,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, processor = load_model_and_processor(
-        {"name": "tiny", "cache_dir": args.cache_dir, "dtype": "float32", "finetune": "full", "freeze_vision": True}
+        {
+            "name": "tiny",
+            "cache_dir": args.cache_dir,
+            "dtype": "float32",
+            "finetune": "full",
+            "freeze_vision": True,
+        }
     )
     model.eval()
     size = processor.image_processor.size["longest_edge"] ** 0.5
     size = (int(size), int(size))
     schema = load_schema("adfm")
-    samples = [Sample("", "normal", c, "good", None, (), size, "test") for c in ("bottle", "cable", "pill", "tile")]
+    samples = [
+        Sample("", "normal", c, "good", None, (), size, "test") for c in ("bottle", "cable", "pill", "tile")
+    ]
     texts = [prompt_text(processor, schema.messages(samples[i % 4], size)) for i in range(args.prompts)]
     g = torch.Generator().manual_seed(0)
     images = [
@@ -67,32 +75,54 @@ def main() -> None:
 
     def ours() -> torch.Tensor:
         enc = encode_prompts(model, processor, texts, images)
-        r = sample(model, enc, args.group, max_new_tokens=args.tokens, temperature=1.0, top_p=1.0,
-                   eos_token_ids=[], suppress_token_ids=never, generator=torch.Generator().manual_seed(1))
+        r = sample(
+            model,
+            enc,
+            args.group,
+            max_new_tokens=args.tokens,
+            temperature=1.0,
+            top_p=1.0,
+            eos_token_ids=[],
+            suppress_token_ids=never,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert r.completion_ids.shape == (args.prompts * args.group, args.tokens)
         return r.completion_ids
 
     def theirs() -> torch.Tensor:
         batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                 num_return_sequences=args.group, max_new_tokens=args.tokens,
-                                 min_new_tokens=args.tokens, suppress_tokens=never, eos_token_id=stop,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                num_return_sequences=args.group,
+                max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens,
+                suppress_tokens=never,
+                eos_token_id=stop,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
         assert out.shape[0] == args.prompts * args.group
         return out
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"tiny model {params / 1e6:.2f}M params, {size[0]}x{size[1]} px, threads={torch.get_num_threads()}, "
-          f"{args.prompts} prompts x G={args.group} x {args.tokens} tokens (forced), prompt length "
-          f"{processor(text=texts, images=images, padding=True, return_tensors='pt')['input_ids'].shape[1]}")
+    print(
+        f"tiny model {params / 1e6:.2f}M params, {size[0]}x{size[1]} px, threads={torch.get_num_threads()}, "
+        f"{args.prompts} prompts x G={args.group} x {args.tokens} tokens (forced), prompt length "
+        f"{processor(text=texts, images=images, padding=True, return_tensors='pt')['input_ids'].shape[1]}"
+    )
     t_ours = timed(ours, args.repeats)
     t_theirs = timed(theirs, args.repeats)
     best_o, best_t = min(t_ours), min(t_theirs)
     print(f"ours     (encode once + sample): best {best_o:.3f} s, median {statistics.median(t_ours):.3f} s")
     print(f"generate (num_return_sequences): best {best_t:.3f} s, median {statistics.median(t_theirs):.3f} s")
-    print(f"ratio generate / ours: {best_t / best_o:.2f}x (best), "
-          f"{statistics.median(t_theirs) / statistics.median(t_ours):.2f}x (median)")
+    print(
+        f"ratio generate / ours: {best_t / best_o:.2f}x (best), "
+        f"{statistics.median(t_theirs) / statistics.median(t_ours):.2f}x (median)"
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,12 @@ def test_lora_reaches_vision_when_it_is_not_frozen(small_dir: Path) -> None:
 
 
 def test_lora_with_named_targets(small_dir: Path) -> None:
-    cfg = model_cfg("qwen2_5_vl_3b", path=str(small_dir), dtype="float32", lora={"target_modules": ["q_proj", "gate_proj"]})
+    cfg = model_cfg(
+        "qwen2_5_vl_3b",
+        path=str(small_dir),
+        dtype="float32",
+        lora={"target_modules": ["q_proj", "gate_proj"]},
+    )
     model, _ = load_model_and_processor(cfg)
     names = lora_modules(model)
     assert len(names) == 4 and all(".language_model." in n for n in names)
@@ -74,7 +79,9 @@ def test_tiny_frozen_vision(small_dir: Path) -> None:
     assert all(p.requires_grad for p in model.model.language_model.parameters())
 
 
-def test_tiny_is_built_into_the_configured_cache(tmp_path: Path, small_spec, fallback_corpus, monkeypatch) -> None:
+def test_tiny_is_built_into_the_configured_cache(
+    tmp_path: Path, small_spec, fallback_corpus, monkeypatch
+) -> None:
     monkeypatch.setattr(tiny, "default_corpus", fallback_corpus)
     cfg = model_cfg("tiny", tiny=dict(small_spec.__dict__))
     cfg.paths.cache_dir = str(tmp_path)
@@ -85,7 +92,9 @@ def test_tiny_is_built_into_the_configured_cache(tmp_path: Path, small_spec, fal
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path: Path) -> None:
-    with pytest.raises(ModelWeightsNotFoundError, match=r"huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct"):
+    with pytest.raises(
+        ModelWeightsNotFoundError, match=r"huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct"
+    ):
         load_model_and_processor(model_cfg("qwen2_5_vl_7b", path=str(tmp_path / "nope")))
     with pytest.raises(ModelWeightsNotFoundError, match="model.path is not set"):
         load_model_and_processor(model_cfg("qwen2_vl_2b"))
@@ -126,7 +135,9 @@ def test_pixel_budget_override_and_published_processor_layout(tmp_path: Path, sm
             }
         )
     )
-    cfg = model_cfg("qwen2_5_vl_3b", path=str(folder), dtype="float32", image_min_pixels=200704, image_max_pixels=200704)
+    cfg = model_cfg(
+        "qwen2_5_vl_3b", path=str(folder), dtype="float32", image_min_pixels=200704, image_max_pixels=200704
+    )
     _, processor = load_model_and_processor(cfg)
     assert processor.chat_template == template
     ip = processor.image_processor

@@ -27,7 +27,13 @@ from anomaly_rl.models.processor import fixed_size_image_processor
 @pytest.fixture(scope="module")
 def loaded(small_dir: Path):
     model, processor = load_model_and_processor(
-        {"name": "tiny", "path": str(small_dir), "dtype": "float32", "finetune": "full", "freeze_vision": True}
+        {
+            "name": "tiny",
+            "path": str(small_dir),
+            "dtype": "float32",
+            "finetune": "full",
+            "freeze_vision": True,
+        }
     )
     return model.eval(), processor
 
@@ -79,14 +85,19 @@ def test_112_px_gives_the_8x8_grid(loaded) -> None:
     _, processor = loaded
     assert model_input_size(processor, (112, 112)) == (112, 112)
     frame = Frame((1024, 1024), model_input_size(processor, (1024, 1024)))
-    assert frame.model_size == (112, 112) and frame.to_model([(512, 0, 1024, 256)]) == ((56.0, 0.0, 112.0, 28.0),)
+    assert frame.model_size == (112, 112) and frame.to_model([(512, 0, 1024, 256)]) == (
+        (56.0, 0.0, 112.0, 28.0),
+    )
 
 
 def test_encode_matches_transformers_own_forward(loaded) -> None:
     """Our path (cached features -> inputs_embeds, explicit mrope positions) gives the logits that
     the model computes itself from pixel values and input ids."""
     model, processor = loaded
-    texts = [chat(processor, "Defect?"), chat(processor, "Is there any defect in this metal nut?", n_images=2)]
+    texts = [
+        chat(processor, "Defect?"),
+        chat(processor, "Is there any defect in this metal nut?", n_images=2),
+    ]
     images = [[image(112, 112, 0)], [image(300, 200, 1), image(112, 112, 2)]]
     with VisionCalls(model) as vision:
         enc = encode_prompts(model, processor, texts, images)
@@ -106,20 +117,30 @@ def test_encode_matches_transformers_own_forward(loaded) -> None:
     valid = enc.attention_mask.bool()
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=1e-5)
     # completion positions continue after the last prompt position
-    assert enc.next_position.tolist() == [int(enc.position_ids[:, b][:, valid[b]].max()) + 1 for b in range(2)]
+    assert enc.next_position.tolist() == [
+        int(enc.position_ids[:, b][:, valid[b]].max()) + 1 for b in range(2)
+    ]
 
 
 def test_text_only_prompts(loaded) -> None:
     model, processor = loaded
     with VisionCalls(model) as vision:
-        enc = encode_prompts(model, processor, [chat(processor, "hello", 0), chat(processor, "a b", 0)], [[], []])
+        enc = encode_prompts(
+            model, processor, [chat(processor, "hello", 0), chat(processor, "a b", 0)], [[], []]
+        )
     assert vision.calls == 0 and enc.image_features is None
     assert enc.next_position.tolist() == enc.attention_mask.sum(1).tolist()
 
 
 def test_trainable_vision_keeps_the_graph(small_dir: Path) -> None:
     model, processor = load_model_and_processor(
-        {"name": "tiny", "path": str(small_dir), "dtype": "float32", "finetune": "full", "freeze_vision": False}
+        {
+            "name": "tiny",
+            "path": str(small_dir),
+            "dtype": "float32",
+            "finetune": "full",
+            "freeze_vision": False,
+        }
     )
     enc = encode_prompts(model, processor, [chat(processor, "x")], [[image(112, 112, 3)]])
     assert enc.image_features.requires_grad
@@ -139,7 +160,14 @@ def test_stop_and_never_sampled_tokens(loaded) -> None:
     stop = stop_token_ids(processor)
     assert stop == [tok.convert_tokens_to_ids("<|im_end|>")]
     never = never_sampled_token_ids(processor, len(tok) + 5, stop)
-    for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_pad|>", "<|vision_start|>", "<|im_start|>", "<|endoftext|>"):
+    for t in (
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|vision_pad|>",
+        "<|vision_start|>",
+        "<|im_start|>",
+        "<|endoftext|>",
+    ):
         assert tok.convert_tokens_to_ids(t) in never
     assert stop[0] not in never and tok.convert_tokens_to_ids("<think>") not in never
     assert set(range(len(tok), len(tok) + 5)) <= set(never)  # padded embedding rows of real checkpoints

@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import anomaly_rl.models.tiny as tiny
-from anomaly_rl.models.tiny import TinyModelConfigError, TinyModelSpec, build_tiny, mrope_section, tiny_model_dir
+from anomaly_rl.models.tiny import (
+    TinyModelConfigError,
+    TinyModelSpec,
+    build_tiny,
+    mrope_section,
+    tiny_model_dir,
+)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -26,7 +32,9 @@ def test_same_seed_same_weights_in_another_cache(
     assert other.name == small_dir.name
     a, b = _weights(small_dir), _weights(other)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((other / "tokenizer.json").read_text()) == json.loads((small_dir / "tokenizer.json").read_text())
+    assert json.loads((other / "tokenizer.json").read_text()) == json.loads(
+        (small_dir / "tokenizer.json").read_text()
+    )
 
 
 def test_another_seed_other_weights_other_folder(
@@ -39,7 +47,9 @@ def test_another_seed_other_weights_other_folder(
     assert not torch.equal(_weights(other)[key], _weights(small_dir)[key])
 
 
-def test_second_call_loads_from_cache(tmp_path: Path, small_spec: TinyModelSpec, fallback_corpus, monkeypatch) -> None:
+def test_second_call_loads_from_cache(
+    tmp_path: Path, small_spec: TinyModelSpec, fallback_corpus, monkeypatch
+) -> None:
     first = tiny_model_dir(small_spec, tmp_path, corpus_fn=fallback_corpus)
 
     def no_build(*args, **kwargs):
@@ -53,7 +63,9 @@ def test_second_call_loads_from_cache(tmp_path: Path, small_spec: TinyModelSpec,
 def test_corpus_change_is_a_new_model(
     tmp_path: Path, small_spec: TinyModelSpec, small_dir: Path, fallback_corpus
 ) -> None:
-    other = tiny_model_dir(small_spec, tmp_path, corpus_fn=lambda s: [*fallback_corpus(s), "A new word: zipper."])
+    other = tiny_model_dir(
+        small_spec, tmp_path, corpus_fn=lambda s: [*fallback_corpus(s), "A new word: zipper."]
+    )
     assert other.name != small_dir.name
 
 

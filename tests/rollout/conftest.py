@@ -55,7 +55,9 @@ def random_image(w: int, h: int, seed: int) -> Image.Image:
 
 def chat(processor, text: str, n_images: int = 1) -> str:
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,11 @@ def prompts(loaded):
         chat(processor, "Is there any defect in the object? a yes, b no."),
         chat(processor, "bottle 112x112.", n_images=2),
     ]
-    images = [[random_image(112, 112, 0)], [random_image(200, 150, 1)], [random_image(112, 112, 2), random_image(112, 112, 3)]]
+    images = [
+        [random_image(112, 112, 0)],
+        [random_image(200, 150, 1)],
+        [random_image(112, 112, 2), random_image(112, 112, 3)],
+    ]
     return texts, images
 
 

@@ -102,7 +102,9 @@ def test_policy_logprobs_are_differentiable(loaded, enc, targets) -> None:
 
 def test_lora_reference_equals_base_model_exactly(rollout_dir, prompts, helpers) -> None:
     base, processor = helpers.load(rollout_dir)
-    policy, _ = helpers.load(rollout_dir, name="qwen2_5_vl_3b", finetune="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    policy, _ = helpers.load(
+        rollout_dir, name="qwen2_5_vl_3b", finetune="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0}
+    )
     base.eval(), policy.eval()
     assert isinstance(policy, PeftModel) and not needs_reference_copy(policy)
     with torch.no_grad():  # a trained adapter: B != 0, so the policy differs from the base

@@ -55,7 +55,13 @@ def test_sampling_logp_is_recomputed_by_scoring(loaded, enc, never) -> None:
         assert stopped or n == 12
         assert bool((rollout.completion_ids[row, n:] == enc.pad_token_id).all())
     recomputed = completion_logprobs(
-        model, enc, rollout.completion_ids, rollout.completion_mask, G, temperature=0.7, suppress_token_ids=never
+        model,
+        enc,
+        rollout.completion_ids,
+        rollout.completion_mask,
+        G,
+        temperature=0.7,
+        suppress_token_ids=never,
     )
     torch.testing.assert_close(recomputed, rollout.sampling_logp, atol=1e-4, rtol=0)
     assert bool((rollout.sampling_logp[rollout.completion_mask == 0] == 0).all())
@@ -77,7 +83,9 @@ def test_greedy_groups_are_contiguous_and_match_generate(loaded, prompts, enc, n
     model, processor = loaded
     stop = stop_token_ids(processor)
     eos = frequent_stops(model, enc, never, k=10) + stop
-    rollout = sample(model, enc, 3, max_new_tokens=10, temperature=0.0, eos_token_ids=eos, suppress_token_ids=never)
+    rollout = sample(
+        model, enc, 3, max_new_tokens=10, temperature=0.0, eos_token_ids=eos, suppress_token_ids=never
+    )
     texts, images = prompts
     batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
     with torch.no_grad():
@@ -143,7 +151,13 @@ def test_forced_length_seeds_and_modes(loaded, enc, never) -> None:
     model, processor = loaded
     model.train()
     try:
-        kw = {"max_new_tokens": 7, "temperature": 1.0, "top_p": 1.0, "eos_token_ids": [], "suppress_token_ids": never}
+        kw = {
+            "max_new_tokens": 7,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "eos_token_ids": [],
+            "suppress_token_ids": never,
+        }
         a = sample(model, enc, 2, generator=torch.Generator().manual_seed(3), **kw)
         assert model.training  # restored after sampling in eval mode
         b = TransformersBackend().sample(model, enc, 2, generator=torch.Generator().manual_seed(3), **kw)
@@ -162,7 +176,9 @@ def test_stop_token_is_masked_in_but_not_in_the_text(loaded, enc, never) -> None
     stop = stop_token_ids(processor)
     handle = favour(model, stop)
     try:
-        rollout = sample(model, enc, 2, max_new_tokens=5, temperature=0.0, eos_token_ids=stop, suppress_token_ids=never)
+        rollout = sample(
+            model, enc, 2, max_new_tokens=5, temperature=0.0, eos_token_ids=stop, suppress_token_ids=never
+        )
     finally:
         handle.remove()
     assert rollout.completion_ids.shape == (6, 1) and rollout.completion_ids[:, 0].tolist() == stop * 6
