@@ -8,7 +8,6 @@ grpo/loss.py); this file wires them, times them and logs what they return.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.errors import NonFiniteLossError
 from anomaly_rl.grpo.loss import policy_loss
 from anomaly_rl.grpo.prompts import PreparedPrompts, parse_in_original_frame, prepare_prompts, select_prompts
+from anomaly_rl.grpo.rng import capture_rng, restore_rng
 from anomaly_rl.grpo.schedule import lr_factor
 from anomaly_rl.models.processing import (
     never_sampled_token_ids,
@@ -181,18 +181,14 @@ class GRPOModule(L.LightningModule):
         checkpoint["anomaly_rl"] = {
             "rollout_step": self.rollout_step,
             "sampling_generator": self.sampling_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
+            "rng": capture_rng(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["anomaly_rl"]
         self.rollout_step = int(state["rollout_step"])
         self.sampling_generator.set_state(state["sampling_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
+        restore_rng(state["rng"])
         self.batches.start_index = self.rollout_step
 
     # ----------------------------------------------------------------- one step

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.errors import NonFiniteLossError
 from anomaly_rl.grpo.prompts import prepare_prompts
+from anomaly_rl.grpo.rng import _as_tuples, capture_rng, restore_rng
 from anomaly_rl.grpo.schedule import lr_factor
 from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
 from anomaly_rl.schemas.base import Schema
@@ -77,16 +77,14 @@ class SFTModule(L.LightningModule):
         checkpoint["anomaly_rl"] = {
             "step_index": self.step_index,
             "render_rng": self.render_rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
+            "rng": capture_rng(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["anomaly_rl"]
         self.step_index = int(state["step_index"])
-        self.render_rng.setstate(state["render_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        self.render_rng.setstate(_as_tuples(state["render_rng"]))
+        restore_rng(state["rng"])
         self.batches.start_index = self.step_index
 
     def training_step(self, batch: Any, batch_idx: int) -> None:

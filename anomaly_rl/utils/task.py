@@ -59,7 +59,9 @@ def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """The resolved config beside the outputs, so a run folder explains itself."""
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    # Hydra's own node (present under the compose API) holds sweep-only fields that cannot resolve.
+    job_only = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    path.write_text(OmegaConf.to_yaml(job_only, resolve=True), encoding="utf-8")
     return path
 
 

@@ -1,0 +1,182 @@
+"""The training loops end to end on a very small model: they learn, resume exactly, fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from anomaly_rl.train import train
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+# A model and dataset small enough for a test: 56 px images (16 image tokens), one LM layer.
+SMALL = [
+    "model.tiny.image_size=56",
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.vision_hidden_size=32",
+    "model.tiny.vision_depth=1",
+    "model.tiny.vision_heads=2",
+    "model.tiny.bpe_vocab_size=400",
+    "data.synthetic.image_size=56",
+    "data.synthetic.categories=[metal,pill]",
+    "data.synthetic.train_good=6",
+    "data.synthetic.test_good=2",
+    "data.synthetic.test_anomalous=6",
+    "data.synthetic.defect_size=[8,20]",
+    "data.val_size=0",
+    "logger=none",
+    "callbacks=none",
+    "algo.prompts_per_step=2",
+    "algo.group_size=3",
+    "algo.max_new_tokens=24",
+    "algo.checkpoint_every=1",
+    "warm_start.batch_size=4",
+    "warm_start.max_steps=2",
+    "eval.limit=4",
+    "eval.max_new_tokens=24",
+]
+
+
+def compose_run(tmp_path: Path, run: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*SMALL, *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.cache_dir = str(tmp_path.parent / "shared_cache")
+        cfg.paths.data_dir = str(tmp_path.parent / "shared_data")
+        cfg.paths.output_dir = str(tmp_path / run)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final" / "weights.pt", weights_only=True)
+
+
+def test_default_pipeline_runs_and_writes_its_run_folder(tmp_path: Path) -> None:
+    cfg = compose_run(tmp_path, "run", ["algo.max_steps=2"])
+    results = train(cfg)
+    run = tmp_path / "run"
+    for name in ["config.yaml", "state.json", "results.json", "results.md", "sft/weights.pt", "final/weights.pt"]:
+        assert (run / name).is_file(), name
+    assert set(results["rows"]) >= {"start", "grpo", "median_box"}
+    for row in ("eval_start", "eval_grpo"):
+        assert (run / row / "predictions.jsonl").is_file() and (run / row / "metrics.json").is_file()
+    assert (run / "checkpoints" / "grpo" / "last.ckpt").is_file()
+
+
+def test_resume_gives_identical_weights(tmp_path: Path) -> None:
+    common = ["warm_start.enabled=false", "eval.enabled=false", "algo.max_steps=4"]
+    straight = compose_run(tmp_path, "straight", common)
+    train(straight)
+
+    paused = compose_run(tmp_path, "paused", [*common, "pause_after_steps=2"])
+    first = train(paused)
+    assert "paused" in first
+    assert not (tmp_path / "paused" / "final").exists()
+    resumed = compose_run(tmp_path, "ignored", [f"resume={tmp_path / 'paused'}"])
+    train(resumed)
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "paused")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algo.group_size=1", "algo.group_size"),
+        ("algo.mini_batches=3", "algo.mini_batches"),
+        ("algo.max_new_tokens=4", "algo.max_new_tokens"),
+        ("init_from=/nonexistent/run", "init_from"),
+        ("algo.loss_type=ppo", "algo.loss_type"),
+    ],
+)
+def test_bad_settings_fail_at_start_naming_the_setting(tmp_path: Path, override: str, message: str) -> None:
+    cfg = compose_run(tmp_path, "bad", [override])
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace(".", r"\.")):
+        train(cfg)
+    assert not (tmp_path / "bad" / "sft").exists(), "a bad setting must fail before any training"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anomaly_rl.grpo.module as module
+    from anomaly_rl.grpo.errors import NonFiniteLossError
+
+    real_loss = module.policy_loss
+    calls = {"n": 0}
+
+    def loss_that_breaks(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] >= 3 else loss), stats
+
+    monkeypatch.setattr(module, "policy_loss", loss_that_breaks)
+    cfg = compose_run(tmp_path, "nan", ["warm_start.enabled=false", "eval.enabled=false", "algo.max_steps=5"])
+    with pytest.raises(NonFiniteLossError, match="GRPO step 2"):
+        train(cfg)
+    last = tmp_path / "nan" / "checkpoints" / "grpo" / "last.ckpt"
+    assert last.is_file()
+    state = torch.load(last, weights_only=False)["anomaly_rl"]
+    assert state["rollout_step"] == 2
+    assert (tmp_path / "nan" / "failure.txt").is_file()
+
+
+def test_grpo_raises_the_reward_of_a_fixed_batch(tmp_path: Path) -> None:
+    """GRPO on one fixed batch with a dense reward (the share of the letter "a") must raise it."""
+    import hydra
+    import lightning as L
+
+    from anomaly_rl.data.datamodule import AnomalyDataModule
+    from anomaly_rl.evaluation.runner import load_batch
+    from anomaly_rl.grpo.batches import ResumableBatches
+    from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
+    from anomaly_rl.models.loading import load_model_and_processor
+    from anomaly_rl.rollout.logprobs import make_reference, reference_context
+    from anomaly_rl.schemas.adfm import AdfmSchema
+
+    cfg = compose_run(tmp_path, "fixed", [])
+    datamodule: AnomalyDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    torch.manual_seed(0)
+    model, processor = load_model_and_processor(cfg.model)
+    schema: AdfmSchema = hydra.utils.instantiate(cfg.schema)
+    def share_of_target(parsed, samples):
+        values = np.array([p.text.count("a") / max(1, len(p.text)) for p in parsed], dtype=float)
+        return {"target": values, "total": values}
+
+    fixed = datamodule.train_samples[:2]
+    batches = ResumableBatches(fixed, 2, 0, load_batch)
+    settings = GRPOSettings(
+        group_size=8, prompts_per_step=2, temperature=1.0, max_new_tokens=12, beta=0.0, max_steps=30,
+        lr_schedule="constant", optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    )
+    reference = make_reference(model)
+    module = GRPOModule(model, processor, schema, share_of_target, batches, settings,
+                        lambda: reference_context(model, reference))
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    rewards = [h["train/reward"] for h in module.history]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.05, rewards
