@@ -28,6 +28,7 @@ from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
 from anomaly_rl.grpo.sft import SFTModule, SFTSettings
 from anomaly_rl.models.loading import load_model_and_processor
+from anomaly_rl.models.processing import unwrap_model
 from anomaly_rl.models.weights import load_policy_weights, save_policy
 from anomaly_rl.rollout.logprobs import make_reference, needs_reference_copy, reference_context
 from anomaly_rl.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -164,6 +165,18 @@ def _resolve_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return resumed, run_dir
 
 
+def _shipped_warm_start(cfg: DictConfig) -> Path | None:
+    """The committed warm-start weights named by `warm_start.checkpoint`, when that folder has them."""
+    folder = cfg.warm_start.get("checkpoint")
+    if not folder:
+        return None
+    folder = Path(folder).expanduser()
+    if (folder / "weights.pt").is_file():
+        return folder
+    log.warning("warm_start.checkpoint=%s holds no weights.pt: training the warm start instead", folder)
+    return None
+
+
 def _check_init_from(init_from: str | None) -> Path | None:
     if not init_from:
         return None
@@ -242,17 +255,27 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     # ------------------------------------------------------------------ phases
     if init_folder is not None:
         log.info("initialising from %s", init_folder)
-        load_policy_weights(model, init_folder)
+        load_policy_weights(model, init_folder, processor)
     if algo == "sft":
         run_sft("final", cfg.algo)
         evaluate_row("sft")
     else:
-        if cfg.warm_start.enabled and init_folder is None:
+        shipped = _shipped_warm_start(cfg)
+        if cfg.warm_start.enabled and init_folder is None and shipped is not None and not state.done("sft"):
+            log.info("warm start: loading %s (warm_start.checkpoint=null trains it here instead)", shipped)
+            load_policy_weights(model, shipped, processor)
+            save_policy(model, processor, run_dir / "sft")
+            state.finish("sft", 0.0)
+        elif cfg.warm_start.enabled and init_folder is None:
             run_sft("sft", cfg.warm_start)
         start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.eval.before_grpo:
             evaluate_row("start")
         if not state.done("final"):
+            if not cfg.algo.get("train_vision", True):
+                # GRPO's reward is noisy; keeping the (SFT-trained) vision tower fixed spends the signal
+                # on the decisions made from what it sees, and lets one feature pass serve each step.
+                unwrap_model(model).model.visual.requires_grad_(False)
             batches = ResumableBatches(
                 datamodule.train_samples, settings.prompts_per_step, int(cfg.seed), load_batch
             )
@@ -278,7 +301,11 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             # The honest baseline: the same wall time spent on more SFT from the same start.
             model.load_state_dict(start_weights)
             grpo_seconds = float(state.data["seconds"].get("final", 0.0))
-            run_sft("control", cfg.warm_start, max_minutes=grpo_seconds / 60.0, max_steps=10**9)
+            control = OmegaConf.merge(
+                cfg.warm_start,
+                {"warmup_steps": 0, "lr_schedule": "constant", "optimizer": {"lr": float(cfg.control.lr)}},
+            )
+            run_sft("control", control, max_minutes=grpo_seconds / 60.0, max_steps=10**9)
             evaluate_row("sft_control")
 
     rows = dict(state.data["rows"])

@@ -114,6 +114,22 @@ def replace_groups(rollout: Rollout, groups: torch.Tensor, fresh: Rollout, pad_i
     )
 
 
+def box_area_metrics(parsed: Sequence[ParsedResponse], samples: Sequence[Sample]) -> dict[str, float]:
+    """Mean predicted against true box area on defective images (original pixels).
+
+    A localisation reward can be gamed by ever larger boxes (findings.md: 9x in one prototype);
+    this pair of curves shows it as it happens.
+    """
+    predicted = [(b[2] - b[0]) * (b[3] - b[1]) for p, s in zip(parsed, samples, strict=True) if s.is_anomalous for b in p.boxes]
+    true = [(b[2] - b[0]) * (b[3] - b[1]) for s in samples if s.is_anomalous for b in s.boxes]
+    metrics = {}
+    if predicted:
+        metrics["train/box_area_pred_mean"] = float(np.mean(np.clip(predicted, -1e9, 1e9)))
+    if true:
+        metrics["train/box_area_true_mean"] = float(np.mean(true))
+    return metrics
+
+
 def _repeat(items: Sequence[Any], times: int) -> list[Any]:
     return [item for item in items for _ in range(times)]
 
@@ -157,6 +173,10 @@ class GRPOModule(L.LightningModule):
     def train_dataloader(self) -> ResumableBatches:
         self.batches.start_index = self.rollout_step
         return self.batches
+
+    def on_train_start(self) -> None:
+        # from_pretrained returns eval mode; LoRA dropout and the like must be active while training.
+        self.policy.train()
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -324,9 +344,10 @@ class GRPOModule(L.LightningModule):
             rollout, rewards, total, update_stats, dynamic_rounds,
             t_rollout - t_start, t_score - t_rollout, t_update - t_score,
         )
+        metrics.update(box_area_metrics(parsed, _repeat(prepared.samples, s.group_size)))
         self.history.append(metrics)
         self.log_dict(metrics, on_step=True, batch_size=n_prompts)
-        if self.sample_logger and s.log_samples_every and self.rollout_step % s.log_samples_every == 1:
+        if self.sample_logger and s.log_samples_every and (self.rollout_step - 1) % s.log_samples_every == 0:
             self.sample_logger(self.rollout_step, prepared, rollout, parsed, rewards, advantages)
 
     def _resample_flat_groups(

@@ -59,6 +59,10 @@ class SFTModule(L.LightningModule):
         self.batches.start_index = self.step_index
         return self.batches
 
+    def on_train_start(self) -> None:
+        # from_pretrained returns eval mode; LoRA dropout and the like must be active while training.
+        self.policy.train()
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = (self.settings.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=1e-4)))(params)

@@ -6,12 +6,22 @@ and loading checks that every one of them found its place in the model it is loa
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 WEIGHTS_FILE = "weights.pt"
+META_FILE = "meta.json"
+
+
+def tokenizer_fingerprint(processor: Any) -> str:
+    """A hash of the vocabulary: weights trained under another tokenizer would load without a shape
+    error (same size, other token ids) and silently mean nothing."""
+    vocab = sorted(processor.tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode("utf-8")).hexdigest()[:16]
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -27,12 +37,26 @@ def save_policy(model: torch.nn.Module, processor: Any, folder: str | Path) -> P
     tmp.replace(folder / WEIGHTS_FILE)  # atomic: a crash mid-write never leaves a torn file
     if processor is not None:
         processor.save_pretrained(folder / "processor")
+        meta = {"tokenizer_fingerprint": tokenizer_fingerprint(processor)}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
 
 
-def load_policy_weights(model: torch.nn.Module, folder: str | Path) -> int:
-    """Load weights saved by `save_policy`; returns the number of tensors loaded."""
+def load_policy_weights(model: torch.nn.Module, folder: str | Path, processor: Any = None) -> int:
+    """Load weights saved by `save_policy`; returns the number of tensors loaded.
+
+    With `processor`, also checks that the weights were trained under the same tokenizer.
+    """
     path = Path(folder) / WEIGHTS_FILE
+    meta_path = Path(folder) / META_FILE
+    if processor is not None and meta_path.is_file():
+        saved = json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer_fingerprint")
+        if saved and saved != tokenizer_fingerprint(processor):
+            raise ValueError(
+                f"{folder} was trained with another tokenizer than this model's (fingerprint {saved} vs "
+                f"{tokenizer_fingerprint(processor)}): the model config or the schema texts the tiny "
+                "tokenizer is built from have changed since; retrain it or use matching settings"
+            )
     if not path.is_file():
         raise FileNotFoundError(
             f"no trained weights at {path}: expected a run folder written by `anomaly_rl.train` "
