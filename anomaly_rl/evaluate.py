@@ -13,7 +13,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from anomaly_rl.checkpoints import run_model_config, weights_folder
 from anomaly_rl.evaluation.report import metrics_markdown
@@ -28,10 +28,13 @@ log = logging.getLogger("anomaly_rl")
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("ckpt"):
+        # The run's own model config, so its weights fit; recorded below as the model evaluated.
+        with open_dict(cfg):
+            cfg.model = run_model_config(cfg.ckpt, cfg.model)
     save_resolved_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    model_cfg = run_model_config(cfg.ckpt, cfg.model) if cfg.get("ckpt") else cfg.model
-    model, processor = load_model_and_processor(model_cfg)
+    model, processor = load_model_and_processor(cfg.model)
     if cfg.get("ckpt"):
         folder = weights_folder(cfg.ckpt)
         log.info("loaded %d tensors from %s", load_policy_weights(model, folder), folder)

@@ -81,9 +81,13 @@ def _phase_trainer(
         pause_after_steps=cfg.get("pause_after_steps"),
     )
     loggers = instantiate_loggers(cfg.get("logger"))
-    for logger in loggers:  # one CSV folder per phase: each phase's steps start again at 0
+    job_config = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True
+    )
+    for logger in loggers:
         if isinstance(logger, L.pytorch.loggers.CSVLogger):
-            logger._version = phase
+            logger._version = phase  # one CSV folder per phase: each phase's steps start again at 0
+        logger.log_hyperparams(job_config)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_steps=max_optimizer_steps,

@@ -393,6 +393,7 @@ class GRPOModule(L.LightningModule):
         s = self.settings
         lengths = rollout.completion_mask.sum(dim=1).float()
         metrics: dict[str, float] = {
+            "train/rollout_step": float(self.rollout_step),  # an x-axis that no phase restarts
             "train/reward": float(total.mean()),
             "train/reward_std": float(total.std()) if total.numel() > 1 else 0.0,
             "train/zero_std_group_fraction": zero_std_group_fraction(total, s.group_size),
