@@ -35,9 +35,12 @@ sweep: install  ## the paper's ablation on the synthetic benchmark: schema x rew
 	$(PY) -m anomaly_rl.train -m +experiment=ablation schema=adfm,r1,direct reward=adfm,binary seed=0,1,2 $(ARGS)
 	$(PY) experiments/ablation/aggregate.py
 
-bench: install
+bench: install  ## reward scoring, rollout and GRPO-step throughput (ours against TRL's GRPOTrainer)
+	$(PIP) install --quiet trl==1.16.0
 	$(PY) experiments/bench/reward_speed.py
 	$(PY) experiments/bench/rollout_speed.py
+	$(PY) experiments/bench/grpo_throughput.py --image-size 112 $(ARGS)
+	$(PY) experiments/bench/grpo_throughput.py --image-size 224 $(ARGS)
 
 clean:
 	rm -rf logs .cache data/synthetic .pytest_cache .ruff_cache

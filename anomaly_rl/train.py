@@ -37,6 +37,26 @@ from anomaly_rl.utils.task import save_resolved_config, task_wrapper, write_json
 log = logging.getLogger("anomaly_rl")
 
 
+class MissingSettingError(ValueError):
+    """A setting the chosen config needs from the user (a model folder, a dataset root) is unset."""
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Stop at once, saying what to set, before any data is read or model is built."""
+    missing = []
+    model_name = str(cfg.model.get("name", "tiny"))
+    if model_name != "tiny" and not cfg.model.get("path"):
+        repo = cfg.model.get("hf_repo") or "the model's Hugging Face repository"
+        missing.append(
+            f"model.path=<folder with the {model_name} weights> "
+            f"(download once: huggingface-cli download {repo} --local-dir <folder>)"
+        )
+    if "root" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "root"):
+        missing.append(f"data.root=<folder of the {cfg.data.get('reader', 'dataset')} dataset>")
+    if missing:
+        raise MissingSettingError("this configuration needs: " + "; ".join(missing))
+
+
 class RunState:
     """Which phases of a run are finished, and the evaluation rows so far (`state.json`)."""
 
@@ -207,6 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_phases(cfg: DictConfig) -> dict[str, Any]:
+    preflight(cfg)
     cfg, run_dir = _resolve_run_dir(cfg)
     init_folder = _check_init_from(cfg.get("init_from"))
     save_resolved_config(cfg, run_dir) if not cfg.get("resume") else None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -23,6 +25,9 @@ def compose_train(tmp_path: Path, overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "run")
+        # Real-data recipes leave the dataset location to the user (`data.root: ???`).
+        if OmegaConf.is_missing(cfg.data, "root"):
+            cfg.data.root = str(tmp_path / "dataset")
     return cfg
 
 
@@ -40,6 +45,14 @@ def test_default_composes_and_instantiates(tmp_path: Path) -> None:
     assert trainer.max_steps == 1
 
 
+def instantiate_trainer(cfg: DictConfig) -> Any:
+    """GPU recipes are instantiated on this CPU machine with only the device settings swapped."""
+    on_cpu = {}
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        on_cpu = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "auto"}
+    return hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], max_steps=1, **on_cpu)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
     cfg = compose_train(tmp_path, [f"+experiment={experiment}"])
@@ -49,8 +62,7 @@ def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
     schema = hydra.utils.instantiate(cfg.schema)
     reward = hydra.utils.instantiate(cfg.reward)
     assert schema.tags and callable(reward)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], max_steps=1)
-    assert trainer.max_steps == 1
+    assert instantiate_trainer(cfg).max_steps == 1
 
 
 @pytest.mark.parametrize(
@@ -68,3 +80,14 @@ def test_eval_config_composes(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("eval", overrides=[], return_hydra_config=True)
     assert cfg.task_name == "evaluate"
+
+
+@pytest.mark.parametrize("experiment", ["visa_fewshot", "mvtec_fewshot", "mmad_1shot"])
+def test_real_recipes_without_paths_stop_with_what_to_set(tmp_path: Path, experiment: str) -> None:
+    from anomaly_rl.train import MissingSettingError, preflight
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}"])
+    with pytest.raises(MissingSettingError, match=r"model\.path=.*data\.root="):
+        preflight(cfg)

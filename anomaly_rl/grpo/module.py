@@ -166,7 +166,10 @@ class GRPOModule(L.LightningModule):
         self.suppress_token_ids = never_sampled_token_ids(processor, vocab, self.eos_token_ids)
         self.sample_logger = sample_logger
         self.rollout_step = 0  # generated batches consumed; batch k of `batches` is used at step k
-        self.sampling_generator = torch.Generator().manual_seed(batches.seed)
+        # Created on the policy's device at the first rollout (multinomial needs a generator on
+        # the device of the probabilities); a resumed run hands its saved state over.
+        self._sampling_generator: torch.Generator | None = None
+        self._pending_generator_state: torch.Tensor | None = None
         self.history: list[dict[str, float]] = []
 
     # ----------------------------------------------------------------- Lightning plumbing
@@ -207,9 +210,21 @@ class GRPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["anomaly_rl"]
         self.rollout_step = int(state["rollout_step"])
-        self.sampling_generator.set_state(state["sampling_generator"])
+        self._pending_generator_state = state["sampling_generator"]
+        self._sampling_generator = None
         restore_rng(state["rng"])
         self.batches.start_index = self.rollout_step
+
+    @property
+    def sampling_generator(self) -> torch.Generator:
+        if self._sampling_generator is None:
+            device = next(self.policy.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(self.batches.seed)
+            if self._pending_generator_state is not None:
+                generator.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
+            self._sampling_generator = generator
+        return self._sampling_generator
 
     # ----------------------------------------------------------------- one step
     def _sample(self, prepared: PreparedPrompts) -> Rollout:

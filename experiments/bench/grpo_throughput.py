@@ -112,7 +112,7 @@ class Built:
 def tiny_model_cfg(args: argparse.Namespace) -> dict[str, Any]:
     """conf/model/tiny.yaml with the cache folder, image size and fine-tuning mode of this run."""
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml")
-    cfg.cache_dir = args.cache_dir
+    cfg.cache_dir = str(ROOT / args.cache_dir)  # relative to the repository root; an absolute path stays
     cfg.tiny.image_size = args.image_size
     cfg.dtype = "float32"  # CPU default; bf16 CPU matmuls are slow and TRL needs bf16=False on CPU
     if args.finetune:
@@ -132,7 +132,9 @@ def qwen3b_processor(args: argparse.Namespace) -> ImageOnlyQwenVLProcessor:
     The tiny tokenizer's ids all lie below the 3B vocabulary; the ids above it are never sampled
     (never_sampled_token_ids covers everything past len(tokenizer)), so no drawn token is undecodable.
     """
-    folder = resolve_model_dir({**tiny_model_cfg(args), "tiny": {"image_size": 112}})
+    cfg = tiny_model_cfg(args)
+    cfg["tiny"]["image_size"] = 112  # the default tiny folder: only its tokenizer is used
+    folder = resolve_model_dir(cfg)
     tiny = ImageOnlyQwenVLProcessor.from_pretrained(str(folder), local_files_only=True)
     vision = QWEN2_5_VL_3B_VISION
     image_processor = fixed_size_image_processor(
@@ -500,6 +502,7 @@ def summarise(
         "loadavg_after": list(os.getloadavg()),
     }
     if device.type == "cuda":
+        # Peak over the timed run, the side's own weights and optimiser state included.
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
@@ -579,7 +582,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sides", default="ours,trl", help="comma-separated subset of ours,trl")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "tiny_models"))
+    parser.add_argument("--cache-dir", default=".cache/tiny_models", help="tiny model cache (repo-relative)")
     parser.add_argument("--shrink", action="store_true", help="qwen2_5_vl_3b with 1 LM layer, 1 ViT block (CPU smoke)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/grpo_<settings>_<time>.json)")
     args = parser.parse_args(argv)
@@ -621,9 +624,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     failed = False
     with tempfile.TemporaryDirectory(prefix="grpo_bench_") as tmp:
         for side in args.sides:
+            # Non-zero on the second side would mean the first side's model was not freed.
+            held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
             print(f"running {side} ...", flush=True)
             try:
                 report["sides"][side] = runners[side](args, device, schema, samples, images, Path(tmp))
+                report["sides"][side]["gpu_memory_held_before_gib"] = held
             except Exception as error:  # noqa: BLE001 - one side's failure must not lose the other's numbers
                 traceback.print_exc()
                 report["sides"][side] = {"error": f"{type(error).__name__}: {error}"}
