@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from anomaly_rl.callbacks import StepCheckpoint
+from anomaly_rl.checkpoints import weights_folder
 from anomaly_rl.evaluation.report import comparison_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
 from anomaly_rl.grpo.batches import ResumableBatches
@@ -204,16 +205,10 @@ def _shipped_warm_start(cfg: DictConfig) -> Path | None:
 def _check_init_from(init_from: str | None) -> Path | None:
     if not init_from:
         return None
-    folder = Path(init_from).expanduser()
-    for sub in ("final", "sft"):
-        if (folder / sub / "weights.pt").is_file():
-            return folder / sub
-    if (folder / "weights.pt").is_file():
-        return folder
-    raise FileNotFoundError(
-        f"init_from={init_from}: no weights found (looked for final/weights.pt and sft/weights.pt "
-        "in that folder); give the folder of a finished anomaly_rl.train run"
-    )
+    try:
+        return weights_folder(init_from)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"init_from={init_from}: {error}") from error
 
 
 @task_wrapper

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,3 +22,13 @@ def mvtec_sample() -> Path:
     if not MVTEC_SAMPLE.is_dir():
         pytest.skip(f"shared MVTec AD sample not found at {MVTEC_SAMPLE}")
     return MVTEC_SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    threads that spin while another process holds a core make each small op many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
@@ -25,8 +26,15 @@ def tokenizer_fingerprint(processor: Any) -> str:
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
+    """The adapter's tensors under LoRA (the base never changes); every tensor otherwise.
+
+    Not "the parameters that require grad now": a phase may freeze a part that an earlier phase
+    trained (GRPO's `algo.train_vision=false` after SFT), and that part must be saved too.
+    """
+    if isinstance(model, PeftModel):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def save_policy(model: torch.nn.Module, processor: Any, folder: str | Path) -> Path:

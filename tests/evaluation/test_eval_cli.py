@@ -18,45 +18,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 
 from anomaly_rl.evaluation.metrics import compute_metrics
+from tests.small_run import SMALL, compose_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
-# The same very small model and data as tests/grpo/test_grpo_training.py (copied, not imported).
-SMALL = [
-    "model.tiny.image_size=56",
-    "model.tiny.hidden_size=32",
-    "model.tiny.num_layers=1",
-    "model.tiny.num_heads=2",
-    "model.tiny.vision_hidden_size=32",
-    "model.tiny.vision_depth=1",
-    "model.tiny.vision_heads=2",
-    "model.tiny.bpe_vocab_size=400",
-    "data.synthetic.image_size=56",
-    "data.synthetic.categories=[metal,pill]",
-    "data.synthetic.train_good=6",
-    "data.synthetic.test_good=2",
-    "data.synthetic.test_anomalous=6",
-    "data.synthetic.defect_size=[8,20]",
-    "data.val_size=0",
-    "logger=none",
-    "callbacks=none",
-    "algo.prompts_per_step=2",
-    "algo.group_size=3",
-    "algo.max_new_tokens=24",
-    "algo.checkpoint_every=1",
-    "warm_start.batch_size=4",
-    "warm_start.max_steps=2",
-    "eval.limit=4",
-    "eval.max_new_tokens=24",
-]
 # What the eval/predict configs also compose: the model and data groups (they have no algo group).
 MODEL = [o for o in SMALL if o.startswith("model.")]
 DATA = [o for o in SMALL if o.startswith("data.")]
@@ -75,19 +45,6 @@ FIELDS = {
     "image_path", "category", "label", "boxes", "response", "answer", "pred_boxes", "p_anomalous",
     "follows_schema",
 }
-
-
-def compose_config(name: str, root: Path, out_dir: Path, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(root)
-        cfg.paths.data_dir = str(root / "data")
-        cfg.paths.cache_dir = str(root / "cache")
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
 
 
 def cli(module: str, root: Path, args: list[str], overrides: list[str]) -> subprocess.CompletedProcess[str]:

@@ -19,42 +19,11 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from PIL import Image
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from tests.small_run import compose_small_run
 
-# The same very small model and data as tests/grpo/test_grpo_training.py (copied, not imported).
-SMALL = [
-    "model.tiny.image_size=56",
-    "model.tiny.hidden_size=32",
-    "model.tiny.num_layers=1",
-    "model.tiny.num_heads=2",
-    "model.tiny.vision_hidden_size=32",
-    "model.tiny.vision_depth=1",
-    "model.tiny.vision_heads=2",
-    "model.tiny.bpe_vocab_size=400",
-    "data.synthetic.image_size=56",
-    "data.synthetic.categories=[metal,pill]",
-    "data.synthetic.train_good=6",
-    "data.synthetic.test_good=2",
-    "data.synthetic.test_anomalous=6",
-    "data.synthetic.defect_size=[8,20]",
-    "data.val_size=0",
-    "logger=none",
-    "callbacks=none",
-    "algo.prompts_per_step=2",
-    "algo.group_size=3",
-    "algo.max_new_tokens=24",
-    "algo.checkpoint_every=1",
-    "warm_start.batch_size=4",
-    "warm_start.max_steps=2",
-    "eval.limit=4",
-    "eval.max_new_tokens=24",
-]
 WANDB_RUN = [
     "logger=wandb",  # overrides SMALL's logger=none (the later override wins)
     "algo.log_samples_every=1",
@@ -116,16 +85,7 @@ def history_rows(records: list[Any]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ the run
 def compose_run(tmp_path: Path, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*SMALL, *overrides], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.cache_dir = str(tmp_path.parent / "shared_cache")
-        cfg.paths.data_dir = str(tmp_path.parent / "shared_data")
-        cfg.paths.output_dir = str(tmp_path / "run")
-    return cfg
+    return compose_small_run(tmp_path, "run", overrides)
 
 
 @pytest.fixture

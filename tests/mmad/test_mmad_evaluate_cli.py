@@ -20,7 +20,6 @@ from typing import Any
 
 import hydra
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from anomaly_rl.data.files import load_rgb
@@ -54,15 +53,6 @@ SELECTED = {
     "VisA/candle/test/good/001.JPG": ["Anomaly Detection", "Object Structure"],
 }
 MMAD_FIELDS = {"image", "question", "question_type", "correct_answer", "gpt_answer", "response"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's cores are shared; a tiny model gains nothing from intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _csv_grid(path: Path) -> tuple[list[str], list[tuple[str, list[float | None]]]]:

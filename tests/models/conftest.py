@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-import torch
 
 from anomaly_rl.models.tiny import TinyModelSpec, tiny_model_dir
 
@@ -47,11 +46,3 @@ def small_dir(tmp_path_factory: pytest.TempPathFactory, small_spec: TinyModelSpe
     return tiny_model_dir(small_spec, tmp_path_factory.mktemp("tiny_models"), corpus_fn=_fallback_corpus)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
-    that spin while another process holds a core make each small op ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

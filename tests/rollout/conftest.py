@@ -101,11 +101,3 @@ def helpers() -> SimpleNamespace:
     return SimpleNamespace(load=load, image=random_image, chat=chat, VisionCalls=VisionCalls)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
-    that spin while another process holds a core make each small op ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
