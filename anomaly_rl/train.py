@@ -113,13 +113,21 @@ def _phase_trainer(
         cfg.trainer,
         max_steps=max_optimizer_steps,
         max_epochs=-1,
-        max_time={"minutes": max_minutes} if max_minutes else None,
+        max_time=_duration(max_minutes) if max_minutes else None,
         logger=loggers or False,
         callbacks=[*instantiate_callbacks(cfg.get("callbacks")), checkpoint],
         enable_checkpointing=False,
         default_root_dir=str(run_dir),
     )
     return trainer, checkpoint
+
+
+def _duration(minutes: float) -> str:
+    """Lightning's "DD:HH:MM:SS" (a dict or timedelta would not survive Hydra's instantiate)."""
+    seconds = max(1, round(minutes * 60))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days:02d}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def _fit(module: L.LightningModule, trainer: L.Trainer, checkpoint: StepCheckpoint) -> float:
