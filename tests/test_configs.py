@@ -91,3 +91,21 @@ def test_real_recipes_without_paths_stop_with_what_to_set(tmp_path: Path, experi
         cfg = compose("train", overrides=[f"+experiment={experiment}"])
     with pytest.raises(MissingSettingError, match=r"model\.path=.*data\.root="):
         preflight(cfg)
+
+
+def test_a_failed_multirun_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    """Both jobs fail fast (no model.path); the second must still run and leave its failure.txt."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "anomaly_rl.train", "-m", "model=qwen2_5_vl_3b,qwen2_vl_2b",
+         f"paths.root_dir={tmp_path}"],
+        cwd=CONF.parent, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0  # the sweep reports its failures
+    failures = sorted(tmp_path.glob("logs/train/multiruns/*/*/failure.txt"))
+    assert [f.parent.name for f in failures] == ["0", "1"], done.stderr[-2000:]
+    assert "model.path" in failures[1].read_text()
