@@ -56,6 +56,8 @@ def instantiate_trainer(cfg: DictConfig) -> Any:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
     cfg = compose_train(tmp_path, [f"+experiment={experiment}"])
+    # Every interpolation resolves (the run folder's config.yaml is written resolved).
+    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     assert hasattr(datamodule, "setup")
     assert cfg.model.name

@@ -12,8 +12,8 @@ stage1="logs/warm_start/runs/make_warm_start_${stamp}_stage1"
 stage2="logs/warm_start/runs/make_warm_start_${stamp}_stage2"
 .venv/bin/python -m anomaly_rl.train +experiment=warm_start logger=csv "hydra.run.dir=${stage1}" "$@"
 .venv/bin/python -m anomaly_rl.train +experiment=warm_start logger=csv "hydra.run.dir=${stage2}" \
-  "init_from=${stage1}" algo.max_steps=1200 algo.warmup_steps=0 algo.lr_schedule=constant \
-  algo.optimizer.lr=1.0e-4 "$@"
+  "init_from=${stage1}" warm_start.max_steps=1200 warm_start.warmup_steps=0 warm_start.lr_schedule=constant \
+  warm_start.optimizer.lr=1.0e-4 "$@"
 rm -rf experiments/warm_start/tiny_sft
 mkdir -p experiments/warm_start/tiny_sft
 cp "${stage2}/final/weights.pt" "${stage2}/final/meta.json" experiments/warm_start/tiny_sft/
