@@ -25,6 +25,7 @@ from anomaly_rl.callbacks import StepCheckpoint
 from anomaly_rl.checkpoints import weights_folder
 from anomaly_rl.evaluation.report import comparison_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
+from anomaly_rl.evaluation.wandb_tables import log_rollout_table
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
 from anomaly_rl.grpo.sft import SFTModule, SFTSettings
@@ -233,7 +234,8 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     preflight(cfg)
     cfg, run_dir = _resolve_run_dir(cfg)
     init_folder = _check_init_from(cfg.get("init_from"))
-    save_resolved_config(cfg, run_dir) if not cfg.get("resume") else None
+    if not cfg.get("resume"):
+        save_resolved_config(cfg, run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
     state = RunState(run_dir)
 
@@ -299,6 +301,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.eval.before_grpo:
             evaluate_row("start")
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         if not state.done("final"):
             if not cfg.algo.get("train_vision", True):
                 # GRPO's reward is noisy; keeping the (SFT-trained) vision tower fixed spends the signal
@@ -309,7 +312,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             )
             module = GRPOModule(
                 model, processor, schema, reward, batches, settings, reference_factory(model),
-                sample_logger=_sample_logger(cfg),
+                sample_logger=log_rollout_table,
             )
             updates = settings.max_steps * settings.num_iterations * settings.mini_batches
             trainer, checkpoint = _phase_trainer(
@@ -328,6 +331,8 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         if cfg.control.enabled:
             # The honest baseline: the same wall time spent on more SFT from the same start.
             model.load_state_dict(start_weights)
+            for name, parameter in model.named_parameters():  # what GRPO froze, more SFT trains again
+                parameter.requires_grad_(trainable[name])
             grpo_seconds = float(state.data["seconds"].get("final", 0.0))
             control = OmegaConf.merge(
                 cfg.warm_start,
@@ -359,12 +364,6 @@ def _timed_out(trainer: L.Trainer) -> bool:
     """True when the phase ended on its `max_minutes` budget (Lightning's Timer callback)."""
     timers = [c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer)]
     return any((t.time_remaining() or 0.0) <= 0 for t in timers)
-
-
-def _sample_logger(cfg: DictConfig) -> Any:
-    from anomaly_rl.evaluation.wandb_tables import log_rollout_table
-
-    return log_rollout_table
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

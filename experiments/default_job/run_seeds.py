@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -33,15 +34,35 @@ KEYS = (
 ROWS = ("start", "grpo", "sft_control", "median_box")
 
 
-def run_seed(seed: int, extra: list[str]) -> Path:
+def seed_command(seed: int, extra: list[str]) -> tuple[list[str], Path]:
     run_dir = ROOT / "logs" / "default_job" / f"seed{seed}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     command = [
         sys.executable, "-m", "anomaly_rl.train", f"seed={seed}", "control.enabled=true",
-        "logger=csv", f"hydra.run.dir={run_dir}", *extra,
+        "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}", *extra,
     ]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    return run_dir
+    return command, run_dir
+
+
+def run_seeds(seeds: list[int], extra: list[str], parallel: bool) -> list[Path]:
+    """Sequentially, or all at once with one thread each (GRPO and its control then share the
+    machine alike, so the control's equal wall time stays a fair comparison)."""
+    jobs = [seed_command(seed, extra) for seed in seeds]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if parallel else dict(os.environ)
+    if not parallel:
+        for command, _ in jobs:
+            print("$", " ".join(command), flush=True)
+            subprocess.run(command, cwd=ROOT, check=True, env=env)
+        return [run_dir for _, run_dir in jobs]
+    processes = []
+    for command, run_dir in jobs:
+        print("$", " ".join(command), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = (run_dir / "stdout.log").open("w")
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    failed = [cmd for (cmd, _), p in zip(jobs, processes, strict=True) if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} seed runs failed: {failed}")
+    return [run_dir for _, run_dir in jobs]
 
 
 def fmt(values: list[float]) -> str:
@@ -80,15 +101,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reuse", type=Path, nargs="*", default=None, help="aggregate these run folders instead")
+    parser.add_argument("--parallel", action="store_true", help="run the seeds at once, one thread each")
     args, extra = parser.parse_known_args()
-    run_dirs = args.reuse if args.reuse else [run_seed(seed, extra) for seed in args.seeds]
+    run_dirs = args.reuse if args.reuse else run_seeds(args.seeds, extra, args.parallel)
     results = [json.loads((d / "results.json").read_text()) for d in run_dirs]
+    command_line = " ".join(
+        [".venv/bin/python experiments/default_job/run_seeds.py", "--seeds", *map(str, args.seeds)]
+        + (["--parallel"] if args.parallel else [])
+        + extra
+    )
     lines = [
         "# The embedded default over seeds: GRPO against its SFT start and the SFT control",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {platform.system()}; "
-        f"command: `.venv/bin/python experiments/default_job/run_seeds.py --seeds {' '.join(map(str, args.seeds))}`"
-        + (f" {' '.join(extra)}" if extra else ""),
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}; command: `{command_line}`",
         "",
         "Test split of the synthetic dataset; mean ± std over seeds (the warm start is shared; the seed",
         "changes GRPO's sampling and batch order and the control's batch order).",
