@@ -21,4 +21,6 @@ cp "${stage1}/config.yaml" experiments/warm_start/tiny_sft/stage1_config.yaml
 cp "${stage2}/config.yaml" experiments/warm_start/tiny_sft/stage2_config.yaml
 cp "${stage1}/eval_sft/metrics.md" experiments/warm_start/tiny_sft/stage1_test_metrics.md
 cp "${stage2}/eval_sft/metrics.md" experiments/warm_start/tiny_sft/stage2_test_metrics.md
+# The run records name the run folders absolutely; keep them relative to the repository.
+sed -i "s#$(pwd)/##g" experiments/warm_start/tiny_sft/*.yaml
 echo "warm start written to experiments/warm_start/tiny_sft (from ${stage1} and ${stage2})"
