@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reuse", type=Path, nargs="*", default=None, help="aggregate these run folders instead")
     parser.add_argument("--parallel", action="store_true", help="run the seeds at once, one thread each")
+    parser.add_argument("--name", default="RESULTS", help="output names: <name>.md and <name>_reward_curves.png")
     args, extra = parser.parse_known_args()
     run_dirs = args.reuse if args.reuse else run_seeds(args.seeds, extra, args.parallel)
     results = [json.loads((d / "results.json").read_text()) for d in run_dirs]
@@ -132,8 +133,8 @@ def main() -> None:
             f"{row} mIoU {r['rows'].get(row, {}).get('box_mIoU', float('nan')):.3f}" for row in ROWS
         )
         lines.append(f"- `{d.name}`: {cells}")
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    reward_curves(list(run_dirs), HERE / "reward_curves.png")
+    (HERE / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    reward_curves(list(run_dirs), HERE / f"{args.name}_reward_curves.png")
     print("\n".join(lines))
 
 
