@@ -46,6 +46,7 @@ SMALL = [
     "warm_start.batch_size=4",
     "warm_start.max_steps=2",
     "warm_start.checkpoint=null",
+    "control.enabled=false",
     "eval.limit=4",
     "eval.max_new_tokens=24",
 ]
