@@ -33,7 +33,8 @@ lint: install
 
 sweep: install  ## the paper's ablation on the synthetic benchmark: schema x reward x 3 seeds
 	$(PY) -m anomaly_rl.train -m +experiment=ablation schema=adfm,r1,direct reward=adfm,binary seed=0,1,2 $(ARGS)
-	$(PY) experiments/ablation/aggregate.py
+	@test -f experiments/ablation/aggregate.py && $(PY) experiments/ablation/aggregate.py \
+	  || echo "experiments/ablation/aggregate.py is not written yet: the runs are in logs/ablation/multiruns/"
 
 bench: install  ## reward scoring, rollout and GRPO-step throughput (ours against TRL's GRPOTrainer)
 	$(PIP) install --quiet trl==1.16.0
