@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from anomaly_rl.models.loading import load_model_and_processor
+from anomaly_rl.models.weights import load_policy_weights
+
+log = logging.getLogger("anomaly_rl")
 
 WEIGHT_FOLDERS = ("final", "sft")
 
@@ -31,3 +38,15 @@ def run_model_config(run_dir: str | Path, fallback: DictConfig) -> DictConfig:
     if saved.is_file():
         return OmegaConf.load(saved).model
     return fallback
+
+
+def load_trained_policy(model_cfg: DictConfig, ckpt: str | Path | None) -> tuple[Any, Any]:
+    """The model and processor of `model_cfg`, with a run's trained weights when `ckpt` is given.
+
+    The weights are checked against the processor's tokenizer, as `init_from` does in training.
+    """
+    model, processor = load_model_and_processor(model_cfg)
+    if ckpt:
+        folder = weights_folder(ckpt)
+        log.info("loaded %d tensors from %s", load_policy_weights(model, folder, processor), folder)
+    return model, processor

@@ -15,11 +15,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, open_dict
 
-from anomaly_rl.checkpoints import run_model_config, weights_folder
+from anomaly_rl.checkpoints import load_trained_policy, run_model_config
 from anomaly_rl.evaluation.report import metrics_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder
-from anomaly_rl.models.loading import load_model_and_processor
-from anomaly_rl.models.weights import load_policy_weights
 from anomaly_rl.utils.task import save_resolved_config, task_wrapper
 
 log = logging.getLogger("anomaly_rl")
@@ -34,10 +32,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg.model = run_model_config(cfg.ckpt, cfg.model)
     save_resolved_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    model, processor = load_model_and_processor(cfg.model)
-    if cfg.get("ckpt"):
-        folder = weights_folder(cfg.ckpt)
-        log.info("loaded %d tensors from %s", load_policy_weights(model, folder), folder)
+    model, processor = load_trained_policy(cfg.model, cfg.get("ckpt"))
     schema = hydra.utils.instantiate(cfg.schema)
     if str(cfg.data.get("reader", "")) == "mmad" or "read_mmad" in str(cfg.data.get("_target_", "")):
         from anomaly_rl.evaluation.mmad_runner import evaluate_mmad

@@ -10,12 +10,10 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from anomaly_rl.checkpoints import run_model_config, weights_folder
+from anomaly_rl.checkpoints import load_trained_policy, run_model_config
 from anomaly_rl.data.files import image_size as read_image_size
 from anomaly_rl.data.records import Sample
 from anomaly_rl.evaluation.runner import predict as predict_samples
-from anomaly_rl.models.loading import load_model_and_processor
-from anomaly_rl.models.weights import load_policy_weights
 from anomaly_rl.utils.task import task_wrapper, write_json
 
 log = logging.getLogger("anomaly_rl")
@@ -40,9 +38,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if not image_path.is_file():
         raise FileNotFoundError(f"image={cfg.image}: no such file")
     model_cfg = run_model_config(cfg.ckpt, cfg.model) if cfg.get("ckpt") else cfg.model
-    model, processor = load_model_and_processor(model_cfg)
-    if cfg.get("ckpt"):
-        load_policy_weights(model, weights_folder(cfg.ckpt))
+    model, processor = load_trained_policy(model_cfg, cfg.get("ckpt"))
     schema = hydra.utils.instantiate(cfg.schema)
     references = (str(Path(cfg.reference).expanduser()),) if cfg.get("reference") else ()
     sample = Sample(

@@ -34,7 +34,7 @@ from anomaly_rl.models.processing import unwrap_model
 from anomaly_rl.models.weights import load_policy_weights, save_policy
 from anomaly_rl.rollout.logprobs import make_reference, needs_reference_copy, reference_context
 from anomaly_rl.utils.instantiate import instantiate_callbacks, instantiate_loggers
-from anomaly_rl.utils.task import save_resolved_config, task_wrapper, write_json
+from anomaly_rl.utils.task import job_config, save_resolved_config, task_wrapper, write_json
 
 log = logging.getLogger("anomaly_rl")
 
@@ -103,13 +103,11 @@ def _phase_trainer(
         pause_after_steps=cfg.get("pause_after_steps"),
     )
     loggers = instantiate_loggers(cfg.get("logger"))
-    job_config = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True
-    )
+    hyperparameters = OmegaConf.to_container(job_config(cfg), resolve=True)
     for logger in loggers:
         if isinstance(logger, L.pytorch.loggers.CSVLogger):
             logger._version = phase  # one CSV folder per phase: each phase's steps start again at 0
-        logger.log_hyperparams(job_config)
+        logger.log_hyperparams(hyperparameters)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_steps=max_optimizer_steps,

@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from anomaly_rl.utils.task import job_config
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -57,7 +59,7 @@ def instantiate_trainer(cfg: DictConfig) -> Any:
 def test_experiment_composes(tmp_path: Path, experiment: str) -> None:
     cfg = compose_train(tmp_path, [f"+experiment={experiment}"])
     # Every interpolation resolves (the run folder's config.yaml is written resolved).
-    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    OmegaConf.to_container(job_config(cfg), resolve=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     assert hasattr(datamodule, "setup")
     assert cfg.model.name

@@ -406,7 +406,7 @@ class GRPOModule(L.LightningModule):
         update_seconds: float,
     ) -> dict[str, float]:
         s = self.settings
-        lengths = rollout.completion_mask.sum(dim=1).float()
+        lengths = rollout.completion_lengths.float()
         metrics: dict[str, float] = {
             "train/rollout_step": float(self.rollout_step),  # an x-axis that no phase restarts
             "train/reward": float(total.mean()),

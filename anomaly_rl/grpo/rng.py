@@ -30,11 +30,11 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(
         (saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["position"], saved["has_gauss"], saved["cached"])
     )
-    random.setstate(_as_tuples(state["python"]))
+    random.setstate(as_tuples(state["python"]))
 
 
-def _as_tuples(value: Any) -> Any:
+def as_tuples(value: Any) -> Any:
     """random.setstate needs tuples; a checkpoint round trip may hand back lists."""
     if isinstance(value, list | tuple):
-        return tuple(_as_tuples(v) for v in value)
+        return tuple(as_tuples(v) for v in value)
     return value

@@ -17,7 +17,7 @@ import torch
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.errors import NonFiniteLossError
 from anomaly_rl.grpo.prompts import prepare_prompts
-from anomaly_rl.grpo.rng import _as_tuples, capture_rng, restore_rng
+from anomaly_rl.grpo.rng import as_tuples, capture_rng, restore_rng
 from anomaly_rl.grpo.schedule import lr_factor
 from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
 from anomaly_rl.schemas.base import Schema
@@ -87,7 +87,7 @@ class SFTModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["anomaly_rl"]
         self.step_index = int(state["step_index"])
-        self.render_rng.setstate(_as_tuples(state["render_rng"]))
+        self.render_rng.setstate(as_tuples(state["render_rng"]))
         restore_rng(state["rng"])
         self.batches.start_index = self.step_index
 

@@ -55,13 +55,17 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
     return wrapped
 
 
+def job_config(cfg: DictConfig) -> DictConfig:
+    """The job's own settings, without Hydra's node (present under the compose API), whose
+    sweep-only fields cannot resolve outside a multirun."""
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+
+
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     """The resolved config beside the outputs, so a run folder explains itself."""
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Hydra's own node (present under the compose API) holds sweep-only fields that cannot resolve.
-    job_only = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    path.write_text(OmegaConf.to_yaml(job_only, resolve=True), encoding="utf-8")
+    path.write_text(OmegaConf.to_yaml(job_config(cfg), resolve=True), encoding="utf-8")
     return path
 
 
