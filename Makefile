@@ -31,10 +31,15 @@ test-full: install  ## every test, the slow ones too
 lint: install
 	$(VENV)/bin/ruff check .
 
-sweep: install  ## the paper's ablation on the synthetic benchmark: schema x reward x 3 seeds
-	$(PY) -m anomaly_rl.train -m +experiment=ablation schema=adfm,r1,direct reward=adfm,binary seed=0,1,2 $(ARGS)
-	@test -f experiments/ablation/aggregate.py && $(PY) experiments/ablation/aggregate.py \
-	  || echo "experiments/ablation/aggregate.py is not written yet: the runs are in logs/ablation/multiruns/"
+# The sweep folder is named here, so the aggregation reads this sweep's runs and no older one; a failed
+# job fails the multirun at its end, yet the aggregation still runs (it lists the failures), then the
+# target exits with the multirun's status. SWEEP_DIR=... picks the folder.
+sweep: install  ## the paper's ablation on the synthetic benchmark: schema x reward x 3 seeds -> experiments/ablation/RESULTS.md
+	dir=$${SWEEP_DIR:-$${ANOMALY_RL_ROOT:-.}/logs/ablation/multiruns/$$(date +%Y-%m-%d_%H-%M-%S)}; \
+	$(PY) -m anomaly_rl.train -m +experiment=ablation schema=adfm,r1,direct reward=adfm,binary seed=0,1,2 \
+	  hydra.sweep.dir=$$dir $(ARGS); status=$$?; \
+	$(PY) experiments/ablation/aggregate.py --runs $$dir || status=$$?; \
+	exit $$status
 
 bench: install  ## reward scoring, rollout and GRPO-step throughput (ours against TRL's GRPOTrainer)
 	$(PIP) install --quiet trl==1.16.0

@@ -31,8 +31,9 @@ class StepCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tmp = self.dirpath / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
-        tmp.replace(self.last)
+        trainer.save_checkpoint(tmp)  # every process calls it; only rank 0 writes the file
+        if trainer.is_global_zero:
+            tmp.replace(self.last)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._steps_this_invocation += 1

@@ -4,6 +4,11 @@ The run folder (Hydra's timestamped output dir) receives the resolved config, pe
 checkpoints, the trained weights (`sft/`, `final/`), one evaluation folder per row and
 `results.json` / `results.md` with the rows side by side. `resume=RUN_DIR` continues an
 interrupted run in its own folder: finished phases are loaded, not redone.
+
+Several processes (`trainer=ddp_cpu`, `trainer=ddp`): Lightning starts the others by running this
+same command again at the first `fit`, so every process walks through the same phases; each
+`fit` trains data parallel, and everything else that writes the run folder or evaluates is done by
+rank 0 alone while the others wait for it (`barrier`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from anomaly_rl.evaluation.report import comparison_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
 from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.grpo.distributed import barrier, broadcast_from_zero, check_divisible, is_rank_zero
 from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
 from anomaly_rl.grpo.sft import SFTModule, SFTSettings
 from anomaly_rl.models.loading import load_model_and_processor
@@ -76,11 +82,16 @@ class RunState:
             self.data["completed"].append(phase)
         if seconds is not None:
             self.data["seconds"][phase] = seconds
-        write_json(self.path, self.data)
+        self._write()
 
     def add_row(self, name: str, metrics: dict[str, Any]) -> None:
         self.data["rows"][name] = metrics
-        write_json(self.path, self.data)
+        self._write()
+
+    def _write(self) -> None:
+        # Every process keeps the state in memory (they take the same branches); rank 0 writes it.
+        if is_rank_zero():
+            write_json(self.path, self.data)
 
 
 def reference_factory(model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -119,6 +130,18 @@ def _phase_trainer(
         default_root_dir=str(run_dir),
     )
     return trainer, checkpoint
+
+
+def expected_processes(trainer_cfg: DictConfig) -> int | None:
+    """The number of training processes the trainer config asks for, None when only Lightning
+    knows it ("auto", -1); then the per-process checks run when training starts instead."""
+    devices = trainer_cfg.get("devices", 1)
+    nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
+        return int(devices) * nodes if int(devices) > 0 else None
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        return len(devices) * nodes
+    return None
 
 
 def _duration(minutes: float) -> str:
@@ -232,7 +255,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     preflight(cfg)
     cfg, run_dir = _resolve_run_dir(cfg)
     init_folder = _check_init_from(cfg.get("init_from"))
-    if not cfg.get("resume"):
+    if not cfg.get("resume") and is_rank_zero():
         save_resolved_config(cfg, run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
     state = RunState(run_dir)
@@ -244,20 +267,28 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     reward = hydra.utils.instantiate(cfg.reward)
     num_references = int(cfg.data.get("num_references", 0) or 0)
     algo = str(cfg.algo.name)
+    processes = expected_processes(cfg.trainer) or 1
     if algo == "grpo":
         settings = grpo_settings(cfg.algo, num_references)
-        settings.validate(int(getattr(schema, "min_new_tokens", 1)))
+        settings.validate(int(getattr(schema, "min_new_tokens", 1)), processes)
+    if processes > 1:  # each process takes an equal share of every SFT batch too
+        if algo == "sft":
+            check_divisible(int(cfg.algo.batch_size), 1, processes, "algo.batch_size")
+        elif cfg.warm_start.enabled or cfg.control.enabled:
+            check_divisible(int(cfg.warm_start.batch_size), 1, processes, "warm_start.batch_size")
     log.info("run folder: %s", run_dir)
 
     def evaluate_row(name: str) -> None:
-        if not cfg.eval.enabled or name in state.data["rows"]:
+        if not cfg.eval.enabled:
             return
-        metrics = evaluate_to_folder(
-            model, processor, schema, datamodule, run_dir / f"eval_{name}",
-            split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
-            max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
-        )
-        state.add_row(name, metrics["overall"])
+        if is_rank_zero() and name not in state.data["rows"]:
+            metrics = evaluate_to_folder(
+                model, processor, schema, datamodule, run_dir / f"eval_{name}",
+                split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
+                max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
+            )
+            state.add_row(name, metrics["overall"])
+        barrier()  # the other processes (if any) wait for rank 0's evaluation
 
     def run_sft(phase: str, algo_cfg: DictConfig, max_minutes: float | None = None, max_steps: int | None = None) -> None:
         if state.done(phase):
@@ -275,9 +306,10 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             cfg, run_dir, phase, sft.max_steps, minutes, int(algo_cfg.checkpoint_every)
         )
         seconds = _fit(module, trainer, checkpoint)
-        if module.step_index < sft.max_steps and not _timed_out(trainer):
+        if _stopped_early(module.step_index, sft.max_steps, trainer):
             raise _Paused(phase, module.step_index)
-        save_policy(model, processor, run_dir / phase)
+        if is_rank_zero():
+            save_policy(model, processor, run_dir / phase)
         state.finish(phase, seconds)
 
     # ------------------------------------------------------------------ phases
@@ -292,7 +324,8 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         if cfg.warm_start.enabled and init_folder is None and shipped is not None and not state.done("sft"):
             log.info("warm start: loading %s (warm_start.checkpoint=null trains it here instead)", shipped)
             load_policy_weights(model, shipped, processor)
-            save_policy(model, processor, run_dir / "sft")
+            if is_rank_zero():
+                save_policy(model, processor, run_dir / "sft")
             state.finish("sft", 0.0)
         elif cfg.warm_start.enabled and init_folder is None:
             run_sft("sft", cfg.warm_start)
@@ -317,10 +350,11 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
                 cfg, run_dir, "grpo", updates, cfg.algo.get("max_minutes"), int(cfg.algo.checkpoint_every)
             )
             seconds = _fit(module, trainer, checkpoint)
-            if module.rollout_step < settings.max_steps and not _timed_out(trainer):
+            if _stopped_early(module.rollout_step, settings.max_steps, trainer):
                 raise _Paused("grpo", module.rollout_step)
-            save_policy(model, processor, run_dir / "final")
-            write_json(run_dir / "grpo_history.json", module.history)
+            if is_rank_zero():
+                save_policy(model, processor, run_dir / "final")
+                write_json(run_dir / "grpo_history.json", module.history)
             state.finish("final", seconds)
         else:
             load_policy_weights(model, run_dir / "final")
@@ -343,11 +377,13 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.enabled and hasattr(datamodule, "test_samples"):
         rows["median_box"] = {"box_mIoU": median_box_baseline(datamodule.train_samples, datamodule.test_samples)}
     results = {"run_dir": str(run_dir), "rows": rows, "seconds": state.data["seconds"]}
-    write_json(run_dir / "results.json", results)
-    if any(name != "median_box" for name in rows):
-        table = comparison_markdown(rows)
-        (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
-        print(table)
+    if is_rank_zero():  # the other processes have no evaluation rows: rank 0 reports the run
+        write_json(run_dir / "results.json", results)
+        if any(name != "median_box" for name in rows):
+            table = comparison_markdown(rows)
+            (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+            print(table)
+    barrier()
     return results
 
 
@@ -356,6 +392,12 @@ class _Paused(Exception):
 
     def __init__(self, phase: str, step: int) -> None:
         super().__init__(f"phase {phase} paused at step {step}; continue with resume=<run folder>")
+
+
+def _stopped_early(step: int, max_steps: int, trainer: L.Trainer) -> bool:
+    """A pause (not the step budget, not the time budget); rank 0's verdict, so that every process
+    takes the same branch (each one's own clock could disagree about the time budget)."""
+    return bool(broadcast_from_zero(step < max_steps and not _timed_out(trainer)))
 
 
 def _timed_out(trainer: L.Trainer) -> bool:

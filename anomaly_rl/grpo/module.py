@@ -3,10 +3,16 @@
 rollout -> parse -> reward -> advantages -> (reference log-probs) -> mu x mini-batch updates.
 Each arrow is a function tested on its own (rollout/, schemas/, rewards/, grpo/advantages.py,
 grpo/loss.py); this file wires them, times them and logs what they return.
+
+Data parallel (several processes, `trainer=ddp_cpu` / `trainer=ddp`): every process samples whole
+groups for its own prompts of the global batch, the gradients are combined by
+`grpo/distributed.py` with the loss's own weights before clipping, and the logged metrics are
+computed once over every process's rows (see `step_metrics`), identical on every process.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +26,22 @@ import torch
 from anomaly_rl.data.records import Sample
 from anomaly_rl.grpo.advantages import group_advantages, zero_std_group_fraction, zero_variance_groups
 from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.grpo.distributed import (
+    all_reduce_gradients,
+    any_rank,
+    check_divisible,
+    gather_objects,
+    is_distributed,
+    is_rank_zero,
+    loss_weight,
+    max_over_ranks,
+    no_backward_sync,
+    own_state,
+    rank,
+    rank_seed,
+    reduces_gradients_here,
+    world_size,
+)
 from anomaly_rl.grpo.errors import NonFiniteLossError
 from anomaly_rl.grpo.loss import policy_loss
 from anomaly_rl.grpo.prompts import PreparedPrompts, parse_in_original_frame, prepare_prompts, select_prompts
@@ -38,6 +60,7 @@ from anomaly_rl.rollout.transformers_backend import TransformersBackend
 from anomaly_rl.schemas.base import Schema
 from anomaly_rl.schemas.parsed import ParsedResponse
 
+log = logging.getLogger("anomaly_rl")
 
 @dataclass
 class GRPOSettings:
@@ -66,8 +89,11 @@ class GRPOSettings:
     num_references: int = 0
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = field(default=None, repr=False)
 
-    def validate(self, min_new_tokens: int) -> None:
-        """Fail at start, naming the setting, rather than after minutes of rollouts."""
+    def validate(self, min_new_tokens: int, processes: int = 1) -> None:
+        """Fail at start, naming the setting, rather than after minutes of rollouts.
+
+        `processes`: the data-parallel processes the prompts of a step are shared among.
+        """
         if self.group_size < 2:
             raise ValueError(f"algo.group_size must be >= 2 (GRPO compares responses), got {self.group_size}")
         if self.prompts_per_step < 1:
@@ -88,6 +114,8 @@ class GRPOSettings:
             raise ValueError(f"algo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         if self.num_iterations < 1:
             raise ValueError(f"algo.num_iterations must be >= 1, got {self.num_iterations}")
+        if processes > 1:
+            check_divisible(self.prompts_per_step, self.mini_batches, processes, "algo.prompts_per_step")
 
 
 def replace_groups(rollout: Rollout, groups: torch.Tensor, fresh: Rollout, pad_id: int) -> Rollout:
@@ -114,19 +142,107 @@ def replace_groups(rollout: Rollout, groups: torch.Tensor, fresh: Rollout, pad_i
     )
 
 
+def box_areas(parsed: Sequence[ParsedResponse], samples: Sequence[Sample]) -> tuple[list[float], list[float]]:
+    """Predicted and true box areas on defective images (original pixels)."""
+    predicted = [(b[2] - b[0]) * (b[3] - b[1]) for p, s in zip(parsed, samples, strict=True) if s.is_anomalous for b in p.boxes]
+    true = [(b[2] - b[0]) * (b[3] - b[1]) for s in samples if s.is_anomalous for b in s.boxes]
+    return predicted, true
+
+
 def box_area_metrics(parsed: Sequence[ParsedResponse], samples: Sequence[Sample]) -> dict[str, float]:
     """Mean predicted against true box area on defective images (original pixels).
 
     A localisation reward can be gamed by ever larger boxes (findings.md: 9x in one prototype);
     this pair of curves shows it as it happens.
     """
-    predicted = [(b[2] - b[0]) * (b[3] - b[1]) for p, s in zip(parsed, samples, strict=True) if s.is_anomalous for b in p.boxes]
-    true = [(b[2] - b[0]) * (b[3] - b[1]) for s in samples if s.is_anomalous for b in s.boxes]
+    return _area_metrics(*box_areas(parsed, samples))
+
+
+def _area_metrics(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:
     metrics = {}
     if predicted:
         metrics["train/box_area_pred_mean"] = float(np.mean(np.clip(predicted, -1e9, 1e9)))
     if true:
         metrics["train/box_area_true_mean"] = float(np.mean(true))
+    return metrics
+
+
+@dataclass
+class StepRecord:
+    """One process's raw material for a step's metrics: small, picklable, gathered across processes.
+
+    Metrics are computed from the gathered records rather than averaged afterwards, so a std, a
+    maximum or a zero-std group fraction means over the global batch what it means in one process.
+    """
+
+    rewards: dict[str, np.ndarray]
+    lengths: torch.Tensor  # completion tokens per row
+    truncated: torch.Tensor
+    update_stats: list[dict[str, float]]
+    dynamic_rounds: int
+    rollout_seconds: float
+    score_seconds: float
+    update_seconds: float
+    box_pred_areas: list[float]
+    box_true_areas: list[float]
+
+
+def step_metrics(
+    records: Sequence[StepRecord],
+    group_size: int,
+    rollout_step: int,
+    lr: float,
+    classification_key: str | None,
+) -> dict[str, float]:
+    """The logged metrics of one step, over the rows of every record (rank order, whole groups).
+
+    Reward, length and group statistics are computed over all rows; update statistics (loss,
+    KL, clip fractions, entropy, grad norm) are the mean over processes and updates; the time
+    split is the slowest process's (a step waits for it), and tokens per second counts every
+    process's tokens.
+    """
+    rewards = {name: np.concatenate([r.rewards[name] for r in records]) for name in records[0].rewards}
+    total = torch.as_tensor(rewards["total"], dtype=torch.float32)
+    lengths = torch.cat([r.lengths for r in records]).float()
+    truncated = torch.cat([r.truncated for r in records])
+    rollout_seconds = max(r.rollout_seconds for r in records)
+    score_seconds = max(r.score_seconds for r in records)
+    update_seconds = max(r.update_seconds for r in records)
+    metrics: dict[str, float] = {
+        "train/rollout_step": float(rollout_step),  # an x-axis that no phase restarts
+        "train/reward": float(total.mean()),
+        "train/reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "train/zero_std_group_fraction": zero_std_group_fraction(total, group_size),
+        "train/completion_length_mean": float(lengths.mean()),
+        "train/completion_length_max": float(lengths.max()),
+        "train/truncation_rate": float(truncated.float().mean()),
+        "train/lr": float(lr),
+        "train/dynamic_sampling_rounds": float(max(r.dynamic_rounds for r in records)),
+        "time/rollout_s": rollout_seconds,
+        "time/score_s": score_seconds,
+        "time/update_s": update_seconds,
+        "time/step_s": rollout_seconds + score_seconds + update_seconds,
+        "time/tokens_per_s": float(lengths.sum()) / max(rollout_seconds, 1e-9),
+    }
+    if classification_key and classification_key in rewards:
+        metrics["train/zero_std_group_fraction_cls"] = zero_std_group_fraction(
+            torch.as_tensor(rewards[classification_key], dtype=torch.float32), group_size
+        )
+    for name, values in rewards.items():
+        if name == "total":
+            continue
+        metrics[f"train/reward_{name}"] = float(np.mean(values))
+        metrics[f"train/reward_{name}_std"] = float(np.std(values))
+    update_stats = [u for r in records for u in r.update_stats]
+    for name in update_stats[0] if update_stats else []:
+        values = [u[name] for u in update_stats if name in u and math.isfinite(u[name])]
+        if values:
+            metrics[f"train/{name}"] = float(np.mean(values))
+    metrics.update(
+        _area_metrics(
+            [a for r in records for a in r.box_pred_areas], [a for r in records for a in r.box_true_areas]
+        )
+    )
     return metrics
 
 
@@ -171,8 +287,18 @@ class GRPOModule(L.LightningModule):
         self._sampling_generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self.history: list[dict[str, float]] = []
+        # This process's own view of the last step, before anything is combined across processes:
+        # its prompts, the advantages of its rows and its local metrics (for debugging a rank).
+        self.local_step: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- Lightning plumbing
+    def setup(self, stage: str) -> None:
+        # The process group exists from here on: take this process's share of every batch.
+        processes = world_size()
+        if processes > 1:
+            check_divisible(self.batches.batch_size, self.settings.mini_batches, processes, "algo.prompts_per_step")
+        self.batches.shard(rank(), processes, self.settings.mini_batches)
+
     def train_dataloader(self) -> ResumableBatches:
         self.batches.start_index = self.rollout_step
         return self.batches
@@ -201,15 +327,25 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Bit-identical resume needs every random stream, not only the weights and optimiser.
-        checkpoint["anomaly_rl"] = {
+        state = {
             "rollout_step": self.rollout_step,
             "sampling_generator": self.sampling_generator.get_state(),
             "rng": capture_rng(),
         }
+        if is_distributed():  # every process's streams: only rank 0's checkpoint is written
+            state["per_rank"] = gather_objects(dict(state))
+        checkpoint["anomaly_rl"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["anomaly_rl"]
-        self.rollout_step = int(state["rollout_step"])
+        saved = checkpoint["anomaly_rl"]
+        processes, me = world_size(), rank()
+        state = saved if processes == 1 else own_state(saved, me, processes)
+        if state is None:
+            # Written by another number of processes: rank 0 continues rank 0's streams; the others
+            # start their own afresh (the prompts are re-shared among the processes anyway).
+            log.warning("resuming on %d processes from a checkpoint of another number of them", processes)
+            state = saved if me == 0 else {"sampling_generator": None, "rng": saved["rng"]}
+        self.rollout_step = int(saved["rollout_step"])
         self._pending_generator_state = state["sampling_generator"]
         self._sampling_generator = None
         restore_rng(state["rng"])
@@ -219,7 +355,8 @@ class GRPOModule(L.LightningModule):
     def sampling_generator(self) -> torch.Generator:
         if self._sampling_generator is None:
             device = next(self.policy.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(self.batches.seed)
+            # Each process draws its own stream (rank 0's is the one-process stream).
+            generator = torch.Generator(device=device).manual_seed(rank_seed(self.batches.seed, rank()))
             if self._pending_generator_state is not None:
                 generator.set_state(self._pending_generator_state)
                 self._pending_generator_state = None
@@ -298,7 +435,8 @@ class GRPOModule(L.LightningModule):
                 prepared, rollout, parsed, rewards
             )
         total = torch.as_tensor(rewards["total"], dtype=torch.float32)
-        advantages = group_advantages(total, s.group_size, scale=s.scale_rewards, eps=s.advantage_eps)
+        # Rewards are scored on the CPU; the loss runs where the policy's log-probs are.
+        advantages = self._advantages(total).to(rollout.completion_ids.device)
         t_score = time.perf_counter()
 
         old_logp = None
@@ -310,8 +448,15 @@ class GRPOModule(L.LightningModule):
             with torch.no_grad(), self.reference_context() as reference:
                 ref_logp = self._logprobs(reference, prepared, rollout)
 
+        # dr_grpo divides by the completion width; one process pads to its widest completion in the
+        # whole batch, so every process divides by the widest of all of them.
+        completion_length = None
+        if is_distributed() and s.loss_type == "dr_grpo":
+            completion_length = max_over_ranks(rollout.completion_ids.shape[1])
+
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
         n_prompts = len(prepared.samples)
         per_mini = max(1, n_prompts // s.mini_batches)
         update_stats: list[dict[str, float]] = []
@@ -331,17 +476,20 @@ class GRPOModule(L.LightningModule):
                     eps_high=s.eps_high,
                     beta=s.beta,
                     loss_type=s.loss_type,
+                    max_completion_length=completion_length,
                 )
-                if not torch.isfinite(loss):
+                if any_rank(not torch.isfinite(loss)):  # all processes stop together
                     raise NonFiniteLossError(
-                        f"non-finite loss {loss.item()} at GRPO step {self.rollout_step}; "
-                        "the last good checkpoint is kept in the run folder"
+                        f"non-finite loss at GRPO step {self.rollout_step} (this process's loss: "
+                        f"{loss.item()}); the last good checkpoint is kept in the run folder"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.policy.parameters() if p.requires_grad], s.max_grad_norm
-                )
+                with no_backward_sync(self.trainer):
+                    self.manual_backward(loss)
+                # The single-process gradient of the global mini-batch (no-op with one process).
+                if reduces_gradients_here(self.trainer):
+                    all_reduce_gradients(trainable, loss_weight(mask, s.loss_type))
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, s.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 token_entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
@@ -355,15 +503,56 @@ class GRPOModule(L.LightningModule):
                 )
         t_update = time.perf_counter()
         self.rollout_step += 1
-        metrics = self._step_metrics(
-            rollout, rewards, total, update_stats, dynamic_rounds,
-            t_rollout - t_start, t_score - t_rollout, t_update - t_score,
+        record = StepRecord(
+            {k: np.asarray(v) for k, v in rewards.items()},
+            rollout.completion_lengths.cpu(),
+            rollout.truncated.cpu(),
+            update_stats,
+            dynamic_rounds,
+            t_rollout - t_start,
+            t_score - t_rollout,
+            t_update - t_score,
+            *box_areas(parsed, _repeat(prepared.samples, s.group_size)),
         )
-        metrics.update(box_area_metrics(parsed, _repeat(prepared.samples, s.group_size)))
+        metrics = self._metrics(gather_objects(record))
+        self.local_step = {
+            "prompts": [str(sample.image_path) for sample in prepared.samples],
+            "advantages": advantages.tolist(),
+            "metrics": self._metrics([record]) if is_distributed() else metrics,
+        }
         self.history.append(metrics)
-        self.log_dict(metrics, on_step=True, batch_size=n_prompts)
-        if self.sample_logger and s.log_samples_every and (self.rollout_step - 1) % s.log_samples_every == 0:
+        self.log_dict(metrics, on_step=True, batch_size=n_prompts * world_size())
+        if (
+            self.sample_logger
+            and is_rank_zero()  # one table per step, of rank 0's rows
+            and s.log_samples_every
+            and (self.rollout_step - 1) % s.log_samples_every == 0
+        ):
             self.sample_logger(self.rollout_step, prepared, rollout, parsed, rewards, advantages)
+
+    def _metrics(self, records: Sequence[StepRecord]) -> dict[str, float]:
+        return step_metrics(
+            records,
+            self.settings.group_size,
+            self.rollout_step,
+            self.optimizers().param_groups[0]["lr"],
+            getattr(self.reward, "classification_key", None),
+        )
+
+    def _advantages(self, total: torch.Tensor) -> torch.Tensor:
+        """Group-relative advantages of this process's rows.
+
+        Each process holds whole groups, so "group" and "none" scaling need nothing from the
+        others; "batch" scaling divides by the std of the global batch, so the advantages are
+        computed over every process's rewards (rank order) and this process's rows kept.
+        """
+        s = self.settings
+        if not is_distributed():
+            return group_advantages(total, s.group_size, scale=s.scale_rewards, eps=s.advantage_eps)
+        everyone = gather_objects(total)
+        start = sum(t.numel() for t in everyone[: rank()])
+        full = group_advantages(torch.cat(everyone), s.group_size, scale=s.scale_rewards, eps=s.advantage_eps)
+        return full[start : start + total.numel()]
 
     def _resample_flat_groups(
         self,
@@ -393,48 +582,3 @@ class GRPOModule(L.LightningModule):
             parsed = [fp if f else p for p, fp, f in zip(parsed, fresh_parsed, row_flat, strict=True)]
             rewards = {k: np.where(row_flat, fresh_rewards[k], v) for k, v in rewards.items()}
         return prepared, rollout, parsed, rewards, rounds
-
-    def _step_metrics(
-        self,
-        rollout: Rollout,
-        rewards: dict[str, np.ndarray],
-        total: torch.Tensor,
-        update_stats: list[dict[str, float]],
-        dynamic_rounds: int,
-        rollout_seconds: float,
-        score_seconds: float,
-        update_seconds: float,
-    ) -> dict[str, float]:
-        s = self.settings
-        lengths = rollout.completion_lengths.float()
-        metrics: dict[str, float] = {
-            "train/rollout_step": float(self.rollout_step),  # an x-axis that no phase restarts
-            "train/reward": float(total.mean()),
-            "train/reward_std": float(total.std()) if total.numel() > 1 else 0.0,
-            "train/zero_std_group_fraction": zero_std_group_fraction(total, s.group_size),
-            "train/completion_length_mean": float(lengths.mean()),
-            "train/completion_length_max": float(lengths.max()),
-            "train/truncation_rate": float(rollout.truncated.float().mean()),
-            "train/lr": float(self.optimizers().param_groups[0]["lr"]),
-            "train/dynamic_sampling_rounds": float(dynamic_rounds),
-            "time/rollout_s": rollout_seconds,
-            "time/score_s": score_seconds,
-            "time/update_s": update_seconds,
-            "time/step_s": rollout_seconds + score_seconds + update_seconds,
-            "time/tokens_per_s": float(lengths.sum()) / max(rollout_seconds, 1e-9),
-        }
-        key = getattr(self.reward, "classification_key", None)
-        if key and key in rewards:
-            metrics["train/zero_std_group_fraction_cls"] = zero_std_group_fraction(
-                torch.as_tensor(rewards[key], dtype=torch.float32), s.group_size
-            )
-        for name, values in rewards.items():
-            if name == "total":
-                continue
-            metrics[f"train/reward_{name}"] = float(np.mean(values))
-            metrics[f"train/reward_{name}_std"] = float(np.std(values))
-        for name in update_stats[0] if update_stats else []:
-            values = [u[name] for u in update_stats if math.isfinite(u[name])]
-            if values:
-                metrics[f"train/{name}"] = float(np.mean(values))
-        return metrics

@@ -2,6 +2,10 @@
 
 A from-scratch tiny model cannot be sampled into a valid three-stage answer; GRPO needs a policy
 whose samples already parse. Real checkpoints may skip this (`warm_start.enabled=false`).
+
+Data parallel like GRPO (`grpo/distributed.py`): `batch_size` is the global batch, each process
+takes its slice, and the gradients are combined weighted by token counts, which gives the
+gradient of the single-process per-token mean.
 """
 
 from __future__ import annotations
@@ -15,6 +19,21 @@ import lightning as L
 import torch
 
 from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.grpo.distributed import (
+    all_reduce_gradients,
+    any_rank,
+    check_divisible,
+    gather_objects,
+    is_distributed,
+    loss_weight,
+    no_backward_sync,
+    own_state,
+    rank,
+    rank_seed,
+    reduces_gradients_here,
+    weighted_mean_over_ranks,
+    world_size,
+)
 from anomaly_rl.grpo.errors import NonFiniteLossError
 from anomaly_rl.grpo.prompts import prepare_prompts
 from anomaly_rl.grpo.rng import as_tuples, capture_rng, restore_rng
@@ -55,6 +74,14 @@ class SFTModule(L.LightningModule):
         self.render_rng = random.Random(batches.seed)
         self.history: list[dict[str, float]] = []
 
+    def setup(self, stage: str) -> None:
+        processes = world_size()
+        if processes > 1:
+            check_divisible(self.batches.batch_size, 1, processes, "batch_size of the SFT phase")
+            # Each process renders its own samples' targets: its own wording stream.
+            self.render_rng = random.Random(rank_seed(self.batches.seed, rank()))
+        self.batches.shard(rank(), processes)
+
     def train_dataloader(self) -> ResumableBatches:
         self.batches.start_index = self.step_index
         return self.batches
@@ -78,17 +105,24 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["anomaly_rl"] = {
+        state = {
             "step_index": self.step_index,
             "render_rng": self.render_rng.getstate(),
             "rng": capture_rng(),
         }
+        if is_distributed():  # every process's streams: only rank 0's checkpoint is written
+            state["per_rank"] = gather_objects(dict(state))
+        checkpoint["anomaly_rl"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["anomaly_rl"]
-        self.step_index = int(state["step_index"])
-        self.render_rng.setstate(as_tuples(state["render_rng"]))
-        restore_rng(state["rng"])
+        saved = checkpoint["anomaly_rl"]
+        processes, me = world_size(), rank()
+        state = saved if processes == 1 else own_state(saved, me, processes)
+        self.step_index = int(saved["step_index"])
+        if state is not None or me == 0:  # else: another process count; keep the fresh stream of setup()
+            state = state or saved
+            self.render_rng.setstate(as_tuples(state["render_rng"]))
+            restore_rng(state["rng"])
         self.batches.start_index = self.step_index
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -110,23 +144,27 @@ class SFTModule(L.LightningModule):
         logp = completion_logprobs(self.policy, prepared.encoded, ids, mask, 1, temperature=1.0)
         mask_f = mask.float()
         loss = -(logp * mask_f).sum() / mask_f.sum().clamp(min=1)
-        if not torch.isfinite(loss):
+        if any_rank(not torch.isfinite(loss)):  # all processes stop together
             raise NonFiniteLossError(f"non-finite SFT loss at step {self.step_index}")
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.policy.parameters() if p.requires_grad], self.settings.max_grad_norm
-        )
+        with no_backward_sync(self.trainer):
+            self.manual_backward(loss)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        # A per-token mean: processes weigh by their token counts (no-op with one process).
+        weight = loss_weight(mask_f, "sft")
+        if reduces_gradients_here(self.trainer):
+            all_reduce_gradients(trainable, weight)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         self.step_index += 1
         metrics = {
-            "sft/loss": float(loss.detach()),
+            "sft/loss": weighted_mean_over_ranks(float(loss.detach()), weight),
             "sft/grad_norm": float(grad_norm),
             "sft/lr": float(optimizer.param_groups[0]["lr"]),
-            "time/sft_step_s": time.perf_counter() - t0,
+            "time/sft_step_s": time.perf_counter() - t0,  # this process's
         }
         self.history.append(metrics)
-        self.log_dict(metrics, on_step=True, batch_size=len(targets))
+        self.log_dict(metrics, on_step=True, batch_size=len(targets) * world_size())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -43,7 +44,10 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
         image_config = (processor_dict or {}).get("image_processor")
         if isinstance(image_config, dict):  # processor_config.json (transformers 5 layout)
             config = {k: v for k, v in image_config.items() if k != "image_processor_type"}
-            image_processor = Qwen2VLImageProcessorPil(**config)
+            if config.pop("coordinate_frame", False):
+                image_processor = CoordinateFrameImageProcessor(**config)
+            else:
+                image_processor = Qwen2VLImageProcessorPil(**config)
         else:  # preprocessor_config.json (the layout of published checkpoints)
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(
                 pretrained_model_name_or_path, **kwargs
@@ -51,8 +55,55 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
         return [image_processor, tokenizer]
 
 
+class CoordinateFrameImageProcessor(Qwen2VLImageProcessorPil):
+    """Qwen's PIL image processor whose second temporal frame holds pixel coordinates, not a copy.
+
+    Why: a still image fills Qwen's two-frame temporal patch with two copies of itself. The vision
+    tower has only rotary (relative) positions and the LM reads image tokens through attention,
+    whose values carry no position either, so a from-scratch tiny model can tell *that* a patch is
+    defective but hardly *where* it is: it learned box rows (from the raster order of the tokens)
+    and not columns. Writing x and y ramps (-1 at the left/top edge, +1 at the right/bottom) into
+    the second frame gives the patch embedding an absolute position, as CoordConv does, inside the
+    stock Qwen2.5-VL architecture. Only the tiny model uses it: real checkpoints were trained on
+    duplicated frames.
+    """
+
+    coordinate_frame = True
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["coordinate_frame"] = True
+        return output
+
+    def patchify(
+        self, image: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int
+    ) -> tuple[np.ndarray, int, int]:
+        if temporal_patch_size < 2:
+            raise ValueError("the coordinate frame needs temporal_patch_size >= 2")
+        channels, height, width = np.asarray(image).shape
+        flat, grid_h, grid_w = super().patchify(image, patch_size, merge_size, temporal_patch_size)
+        ys, xs = np.meshgrid(
+            (np.arange(height, dtype=np.float32) + 0.5) / height * 2 - 1,
+            (np.arange(width, dtype=np.float32) + 0.5) / width * 2 - 1,
+            indexing="ij",
+        )
+        coords = np.zeros((channels, height, width), dtype=np.float32)
+        coords[0], coords[1] = xs, ys
+        # The same layout as the parent's patches, so that the frame lines up with its image patch.
+        coord_flat, _, _ = super().patchify(coords, patch_size, merge_size, temporal_patch_size)
+        shape = (grid_h * grid_w, channels, temporal_patch_size, patch_size * patch_size)
+        patches = np.array(flat, dtype=np.float32).reshape(shape)
+        patches[:, :, 1] = coord_flat.reshape(shape)[:, :, 1]
+        return patches.reshape(flat.shape), grid_h, grid_w
+
+
 def fixed_size_image_processor(
-    image_size: int, *, patch_size: int, merge_size: int, temporal_patch_size: int = 2
+    image_size: int,
+    *,
+    patch_size: int,
+    merge_size: int,
+    temporal_patch_size: int = 2,
+    coordinate_frame: bool = False,
 ) -> Qwen2VLImageProcessorPil:
     """A PIL image processor whose min = max pixel budget is image_size**2.
 
@@ -65,7 +116,8 @@ def fixed_size_image_processor(
             f"model.tiny.image_size={image_size} must be a multiple of patch_size*spatial_merge_size={factor}"
         )
     pixels = image_size * image_size
-    return Qwen2VLImageProcessorPil(
+    cls = CoordinateFrameImageProcessor if coordinate_frame else Qwen2VLImageProcessorPil
+    return cls(
         min_pixels=pixels,
         max_pixels=pixels,
         patch_size=patch_size,

@@ -203,6 +203,16 @@ def build(args: argparse.Namespace, device: torch.device) -> Built:
     return build_qwen3b(args, device) if args.arch == "qwen2_5_vl_3b" else build_tiny(args, device)
 
 
+def timed_build(args: argparse.Namespace, device: torch.device, side: str) -> tuple[Built, float]:
+    """The side's model and processor, and the seconds it took (not part of any timed step)."""
+    start = time.perf_counter()
+    built = build(args, device)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    print(f"{side}: model built in {seconds:.1f} s on {device}", flush=True)
+    return built, seconds
+
+
 def weight_fingerprint(model: torch.nn.Module) -> float:
     """A sum over every parameter: equal on both sides when they start from the same weights."""
     with torch.no_grad():
@@ -258,10 +268,15 @@ def _sync(device: torch.device) -> None:
 
 
 class StepClock:
-    """Wall time of each step, synchronised with the GPU so that queued kernels are counted."""
+    """Wall time of each step, synchronised with the GPU so that queued kernels are counted.
 
-    def __init__(self, device: torch.device) -> None:
+    Each step is printed as it ends: a device run cut off by its time limit still shows how far
+    each side got and how long its steps took.
+    """
+
+    def __init__(self, device: torch.device, side: str) -> None:
         self.device = device
+        self.side = side
         self.times: list[float] = []
         self._start = 0.0
 
@@ -272,6 +287,7 @@ class StepClock:
     def end(self) -> None:
         _sync(self.device)
         self.times.append(time.perf_counter() - self._start)
+        print(f"{self.side} step {len(self.times)}: {self.times[-1]:.2f} s", flush=True)
 
 
 class LightningClock(L.Callback):
@@ -312,7 +328,7 @@ def run_ours(
     workdir: Path,
 ) -> dict[str, Any]:
     """GRPOModule.training_step under a minimal Lightning Trainer: the production step, unchanged."""
-    built = build(args, device)
+    built, build_s = timed_build(args, device, "ours")
     fingerprint = weight_fingerprint(built.model)
     model = built.model
     frozen = make_reference(model) if needs_reference_copy(model) else None
@@ -344,9 +360,9 @@ def run_ours(
     stops = stop_token_ids(built.processor)
     module.eos_token_ids = []
     module.suppress_token_ids = sorted(set(module.suppress_token_ids) | set(stops))
-    if device.type == "cuda":  # torch.multinomial needs a generator on the probabilities' device
-        module.sampling_generator = torch.Generator(device=device).manual_seed(args.seed)
-    clock = StepClock(device)
+    # The module makes its sampling generator on the policy's device itself (torch.multinomial needs
+    # one there), seeded from the batches' seed.
+    clock = StepClock(device, "ours")
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -366,6 +382,7 @@ def run_ours(
     lengths = [(h["train/completion_length_mean"], h["train/completion_length_max"]) for h in module.history]
     forced = all(mean == args.tokens and top == args.tokens for mean, top in lengths)
     result = summarise("ours", clock.times, args, device, fingerprint, forced)
+    result["build_s"] = build_s
     # The module's own timers (rollout = prompts + vision + sampling; update = reference and policy
     # log-probs, backward, optimiser step): a check of the callback's numbers and a breakdown.
     for key in ("step_s", "rollout_s", "score_s", "update_s"):
@@ -408,7 +425,7 @@ def run_trl(
 ) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
-    built = build(args, device)
+    built, build_s = timed_build(args, device, "trl")
     fingerprint = weight_fingerprint(built.model)
     dataset = trl_dataset(schema, samples, images, built.processor)
     same_prompt = check_same_prompt(dataset, schema, samples[0], built.processor)
@@ -445,7 +462,7 @@ def run_trl(
         dataloader_num_workers=0,
         generation_kwargs={"min_new_tokens": args.tokens, "suppress_tokens": never_sampled(built)},
     )
-    clock = StepClock(device)
+    clock = StepClock(device, "trl")
     trainer = GRPOTrainer(
         model=built.model,
         reward_funcs=[trl_reward],
@@ -461,6 +478,7 @@ def run_trl(
         h["completions/min_length"] == args.tokens and h["completions/max_length"] == args.tokens for h in logs
     )
     result = summarise("trl", clock.times, args, device, fingerprint, forced)
+    result["build_s"] = build_s
     result["same_prompt_text_as_ours"] = same_prompt
     # TRL's own per-step timer, an independent check of the callback's numbers.
     result["trl_logged_step_time_s"] = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]

@@ -86,6 +86,37 @@ def test_mrope_section_hand_worked() -> None:
     assert mrope_section(128) == [16, 24, 24]  # Qwen2.5-VL's own split
     assert mrope_section(64) == [8, 12, 12]
     assert mrope_section(32) == [4, 6, 6]
+    assert mrope_section(12, interleaved=True) == [1] * 6
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_every_rotary_axis_gets_the_frequencies_we_expect(interleaved: bool) -> None:
+    """The stock Qwen2.5-VL rotary module, fed our mrope_section, rotates frequency i by the position
+    of the axis we intend: contiguous blocks, or axis i % 3 when interleaved (computed here by hand)."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    head_dim, theta = 24, 100.0
+    section = mrope_section(head_dim, interleaved)
+    config = Qwen2_5_VLTextConfig(
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": section},
+    )
+    rotary = Qwen2_5_VLRotaryEmbedding(config)
+    position = torch.tensor([[[3]], [[5]], [[7]]])  # (time, height, width) of one token
+    cos, _ = rotary(torch.zeros(1, 1, head_dim), position)
+    half = head_dim // 2
+    inv_freq = [theta ** (-2 * i / head_dim) for i in range(half)]
+    if interleaved:
+        axis_of = [i % 3 for i in range(half)]
+    else:
+        axis_of = [axis for axis, width in enumerate(section) for _ in range(width)]
+    expected = torch.tensor([torch.cos(torch.tensor(float(position[axis_of[i], 0, 0]) * inv_freq[i])).item()
+                             for i in range(half)])
+    torch.testing.assert_close(cos[0, 0, :half], expected, rtol=1e-5, atol=1e-6)
+    # Interleaved: the width axis reaches the highest frequencies too (index 2 of 12), not only the lowest.
+    assert (min(i for i in range(half) if axis_of[i] == 2) == 2) is interleaved
 
 
 def test_spec_errors_name_the_setting() -> None:
