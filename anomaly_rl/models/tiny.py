@@ -63,10 +63,10 @@ class TinyModelSpec:
     # columns apart (measured: the SFT warm start learned box rows, corr 0.68, but not columns, 0.13).
     # Interleaving the axes over the whole spectrum (as Qwen3-VL does) uses the stock Qwen2.5-VL
     # code: its `mrope_section` may list more than three chunks, chunk i going to axis i % 3.
-    mrope_interleaved: bool = False
+    mrope_interleaved: bool = True
     # Pixel coordinates in the second temporal frame of each image patch (an absolute position for
     # the patch embedding): see anomaly_rl/models/processor.py, CoordinateFrameImageProcessor.
-    coordinate_frame: bool = False
+    coordinate_frame: bool = True
     max_position_embeddings: int = 4096
 
     @classmethod

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the committed SFT warm start of the embedded default (experiments/warm_start/tiny_sft/).
-#   stage 1: the `warm_start` recipe of conf/train.yaml (2,400 steps, cosine from 1e-3 to 1e-4);
-#   stage 2: 1,200 more steps at a constant 1e-4 — box placement is learned in this low-rate tail
+#   stage 1: the `warm_start` recipe of conf/train.yaml (1,200 steps, cosine from 1e-3 to 1e-4);
+#   stage 2: 800 more steps at a constant 1e-4 — box placement is learned in this low-rate tail
 #            (findings.md), which a cosine cuts short.
-# About 40 minutes on 2 CPU cores. Usage: bash experiments/warm_start/make_warm_start.sh [overrides...]
+# About 17 minutes on 2 CPU cores. Usage: bash experiments/warm_start/make_warm_start.sh [overrides...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export WANDB_MODE=offline HF_HUB_OFFLINE=1
@@ -12,7 +12,7 @@ stage1="logs/warm_start/runs/make_warm_start_${stamp}_stage1"
 stage2="logs/warm_start/runs/make_warm_start_${stamp}_stage2"
 .venv/bin/python -m anomaly_rl.train +experiment=warm_start logger=csv "hydra.run.dir=${stage1}" "$@"
 .venv/bin/python -m anomaly_rl.train +experiment=warm_start logger=csv "hydra.run.dir=${stage2}" \
-  "init_from=${stage1}" warm_start.max_steps=1200 warm_start.warmup_steps=0 warm_start.lr_schedule=constant \
+  "init_from=${stage1}" warm_start.max_steps=800 warm_start.warmup_steps=0 warm_start.lr_schedule=constant \
   warm_start.optimizer.lr=1.0e-4 "$@"
 rm -rf experiments/warm_start/tiny_sft
 mkdir -p experiments/warm_start/tiny_sft
