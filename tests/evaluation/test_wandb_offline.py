@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,28 @@ def read_records(path: Path) -> Iterator[Any]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             yield record
+
+
+def read_closed_log(path: Path, timeout_s: float = 60.0) -> list[Any]:
+    """The records of a finished run's log, once wandb's writer process has flushed all of them.
+
+    wandb-core writes the file from its own process and may still be flushing when `finish()` has
+    returned (seen on a loaded 2-core machine: a checksum failed on a chunk whose bytes were not
+    all written yet). Read again until the log ends with the exit record and every checksum holds;
+    a log that is still broken after `timeout_s` fails the test with the last error.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(read_records(path))
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+            problem = f"{path}: no exit record yet ({len(records)} records)"
+        except AssertionError as error:
+            problem = str(error)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{problem} after {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def history_rows(records: list[Any]) -> list[dict[str, Any]]:
@@ -152,7 +175,7 @@ def test_offline_wandb_run_holds_the_logged_scalars_and_sample_tables(
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, offline
     [log_file] = offline[0].glob("run-*.wandb")
-    records = list(read_records(log_file))
+    records = read_closed_log(log_file)
     kinds = [r.WhichOneof("record_type") for r in records]
     assert kinds[0] == "header" and "run" in kinds and kinds[-1] == "exit", "the run was not closed"
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
