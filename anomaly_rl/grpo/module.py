@@ -149,16 +149,12 @@ def box_areas(parsed: Sequence[ParsedResponse], samples: Sequence[Sample]) -> tu
     return predicted, true
 
 
-def box_area_metrics(parsed: Sequence[ParsedResponse], samples: Sequence[Sample]) -> dict[str, float]:
+def _area_metrics(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:
     """Mean predicted against true box area on defective images (original pixels).
 
     A localisation reward can be gamed by ever larger boxes (findings.md: 9x in one prototype);
     this pair of curves shows it as it happens.
     """
-    return _area_metrics(*box_areas(parsed, samples))
-
-
-def _area_metrics(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:
     metrics = {}
     if predicted:
         metrics["train/box_area_pred_mean"] = float(np.mean(np.clip(predicted, -1e9, 1e9)))

@@ -68,8 +68,6 @@ class CoordinateFrameImageProcessor(Qwen2VLImageProcessorPil):
     duplicated frames.
     """
 
-    coordinate_frame = True
-
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["coordinate_frame"] = True
