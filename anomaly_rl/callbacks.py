@@ -7,8 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+
+from anomaly_rl.grpo.errors import NonFiniteWeightsError
 
 log = logging.getLogger("anomaly_rl")
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters holding a NaN or an infinity (frozen ones cannot change)."""
+    return [
+        name
+        for name, parameter in module.named_parameters()
+        if parameter.requires_grad and not bool(torch.isfinite(parameter.detach()).all())
+    ]
 
 
 class StepCheckpoint(L.Callback):
@@ -29,6 +41,14 @@ class StepCheckpoint(L.Callback):
         return self.dirpath / "last.ckpt"
 
     def save(self, trainer: L.Trainer) -> None:
+        # The optimiser guard stops a run before a non-finite update; this is the last line of
+        # defence for the file a resume relies on (weights changed outside the optimiser, say).
+        broken = non_finite_parameters(trainer.lightning_module)
+        if broken:
+            raise NonFiniteWeightsError(
+                f"not writing {self.last}: {len(broken)} trainable tensors hold NaN/inf "
+                f"(first: {broken[0]}); the previous checkpoint is kept"
+            )
         self.dirpath.mkdir(parents=True, exist_ok=True)
         tmp = self.dirpath / "last.ckpt.tmp"
         trainer.save_checkpoint(tmp)  # every process calls it; only rank 0 writes the file

@@ -33,7 +33,8 @@ from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.distributed import barrier, broadcast_from_zero, check_divisible, is_rank_zero
-from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
+from anomaly_rl.grpo.module import GRPOModule, GRPOSettings, settings_problems
+from anomaly_rl.grpo.schedule import LR_SCHEDULES
 from anomaly_rl.grpo.sft import SFTModule, SFTSettings
 from anomaly_rl.models.loading import load_model_and_processor
 from anomaly_rl.models.processing import unwrap_model
@@ -173,7 +174,64 @@ def _sft_settings(algo_cfg: DictConfig) -> SFTSettings:
     )
 
 
-def grpo_settings(algo_cfg: DictConfig, num_references: int) -> GRPOSettings:
+def _sft_problems(block: DictConfig, prefix: str) -> list[str]:
+    checks = [
+        (int(block.batch_size) >= 1, f"batch_size must be >= 1, got {block.batch_size}"),
+        (int(block.max_steps) >= 1, f"max_steps must be >= 1, got {block.max_steps}"),
+        (int(block.warmup_steps) >= 0, f"warmup_steps must be >= 0, got {block.warmup_steps}"),
+        (str(block.lr_schedule) in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {block.lr_schedule!r}"),
+        (0 <= float(block.min_lr_ratio) <= 1, f"min_lr_ratio must be in [0, 1], got {block.min_lr_ratio}"),
+        (float(block.max_grad_norm) > 0, f"max_grad_norm must be > 0, got {block.max_grad_norm}"),
+        (float(block.optimizer.lr) > 0, f"optimizer.lr must be > 0, got {block.optimizer.lr}"),
+    ]
+    return [f"{prefix}.{message}" for ok, message in checks if not ok]
+
+
+def _eval_problems(eval_cfg: DictConfig) -> list[str]:
+    limit = eval_cfg.get("limit")
+    checks = [
+        (str(eval_cfg.split) in ("train", "val", "test"), f"split must be train, val or test, got {eval_cfg.split!r}"),
+        (int(eval_cfg.batch_size) >= 1, f"batch_size must be >= 1, got {eval_cfg.batch_size}"),
+        (int(eval_cfg.max_new_tokens) >= 1, f"max_new_tokens must be >= 1, got {eval_cfg.max_new_tokens}"),
+        (limit is None or int(limit) >= 1, f"limit must be null or >= 1, got {limit}"),
+    ]
+    return [f"eval.{message}" for ok, message in checks if not ok]
+
+
+def check_settings(cfg: DictConfig, min_new_tokens: int, processes: int) -> GRPOSettings | None:
+    """Validate every algo.*, warm_start.*, control.* and eval.* setting at once; returns the GRPO
+    settings when the run trains with GRPO. Raises ValueError listing every problem found."""
+    algo = str(cfg.algo.name)
+    problems: list[str] = []
+    settings = None
+    if algo == "grpo":
+        settings = grpo_settings(cfg.algo)
+        problems += settings_problems(settings, min_new_tokens)
+        if float(cfg.algo.optimizer.lr) <= 0:
+            problems.append(f"algo.optimizer.lr must be > 0, got {cfg.algo.optimizer.lr}")
+        if cfg.warm_start.enabled or cfg.control.enabled:
+            problems += _sft_problems(cfg.warm_start, "warm_start")
+        if cfg.control.enabled and float(cfg.control.lr) <= 0:
+            problems.append(f"control.lr must be > 0, got {cfg.control.lr}")
+    elif algo == "sft":
+        problems += _sft_problems(cfg.algo, "algo")
+    else:
+        problems.append(f"algo.name must be grpo or sft, got {algo!r}")
+    if cfg.eval.enabled:
+        problems += _eval_problems(cfg.eval)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if processes > 1:  # each process takes whole groups, and an equal share of every SFT batch
+        if settings is not None:
+            check_divisible(settings.prompts_per_step, settings.mini_batches, processes, "algo.prompts_per_step")
+        if algo == "sft":
+            check_divisible(int(cfg.algo.batch_size), 1, processes, "algo.batch_size")
+        elif cfg.warm_start.enabled or cfg.control.enabled:
+            check_divisible(int(cfg.warm_start.batch_size), 1, processes, "warm_start.batch_size")
+    return settings
+
+
+def grpo_settings(algo_cfg: DictConfig) -> GRPOSettings:
     return GRPOSettings(
         group_size=int(algo_cfg.group_size),
         prompts_per_step=int(algo_cfg.prompts_per_step),
@@ -197,7 +255,6 @@ def grpo_settings(algo_cfg: DictConfig, num_references: int) -> GRPOSettings:
         dynamic_sampling=bool(algo_cfg.dynamic_sampling.enabled),
         dynamic_max_rounds=int(algo_cfg.dynamic_sampling.max_rounds),
         log_samples_every=int(algo_cfg.log_samples_every),
-        num_references=num_references,
         optimizer_factory=hydra.utils.instantiate(algo_cfg.optimizer),
     )
 
@@ -255,6 +312,12 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     preflight(cfg)
     cfg, run_dir = _resolve_run_dir(cfg)
     init_folder = _check_init_from(cfg.get("init_from"))
+    # Every setting is checked before any data is generated or weights are loaded (minutes for a
+    # real model): a typo costs a second, not a start evaluation.
+    schema = hydra.utils.instantiate(cfg.schema)
+    algo = str(cfg.algo.name)
+    processes = expected_processes(cfg.trainer) or 1
+    settings = check_settings(cfg, int(getattr(schema, "min_new_tokens", 1)), processes)
     if not cfg.get("resume") and is_rank_zero():
         save_resolved_config(cfg, run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -263,19 +326,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     model, processor = load_model_and_processor(cfg.model)
-    schema = hydra.utils.instantiate(cfg.schema)
     reward = hydra.utils.instantiate(cfg.reward)
-    num_references = int(cfg.data.get("num_references", 0) or 0)
-    algo = str(cfg.algo.name)
-    processes = expected_processes(cfg.trainer) or 1
-    if algo == "grpo":
-        settings = grpo_settings(cfg.algo, num_references)
-        settings.validate(int(getattr(schema, "min_new_tokens", 1)), processes)
-    if processes > 1:  # each process takes an equal share of every SFT batch too
-        if algo == "sft":
-            check_divisible(int(cfg.algo.batch_size), 1, processes, "algo.batch_size")
-        elif cfg.warm_start.enabled or cfg.control.enabled:
-            check_divisible(int(cfg.warm_start.batch_size), 1, processes, "warm_start.batch_size")
     log.info("run folder: %s", run_dir)
 
     def evaluate_row(name: str) -> None:

@@ -204,12 +204,6 @@ def any_rank(flag: bool) -> bool:
     return bool(_host_all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
 
 
-def max_over_ranks(value: int) -> int:
-    if not is_distributed():
-        return int(value)
-    return int(_host_all_reduce(torch.tensor([float(value)]), dist.ReduceOp.MAX)[0])
-
-
 def weighted_mean_over_ranks(value: float, weight: float) -> float:
     """sum_r w_r v_r / sum_r w_r: a per-token (or per-row) mean over every process's items."""
     if not is_distributed():

@@ -24,29 +24,24 @@ import numpy as np
 import torch
 
 from anomaly_rl.data.records import Sample
-from anomaly_rl.grpo.advantages import group_advantages, zero_std_group_fraction, zero_variance_groups
+from anomaly_rl.grpo.advantages import SCALES, group_advantages, zero_std_group_fraction, zero_variance_groups
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.distributed import (
-    all_reduce_gradients,
-    any_rank,
     check_divisible,
     gather_objects,
     is_distributed,
     is_rank_zero,
     loss_weight,
-    max_over_ranks,
-    no_backward_sync,
     own_state,
     rank,
     rank_seed,
-    reduces_gradients_here,
     world_size,
 )
-from anomaly_rl.grpo.errors import NonFiniteLossError
-from anomaly_rl.grpo.loss import policy_loss
+from anomaly_rl.grpo.loss import LOSS_TYPES, policy_loss
 from anomaly_rl.grpo.prompts import PreparedPrompts, parse_in_original_frame, prepare_prompts, select_prompts
 from anomaly_rl.grpo.rng import capture_rng, restore_rng
-from anomaly_rl.grpo.schedule import lr_factor
+from anomaly_rl.grpo.schedule import LR_SCHEDULES, lr_factor
+from anomaly_rl.grpo.update import optimizer_update
 from anomaly_rl.models.processing import (
     never_sampled_token_ids,
     stop_token_ids,
@@ -86,36 +81,60 @@ class GRPOSettings:
     dynamic_sampling: bool = False
     dynamic_max_rounds: int = 3
     log_samples_every: int = 50
-    num_references: int = 0
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = field(default=None, repr=False)
 
-    def validate(self, min_new_tokens: int, processes: int = 1) -> None:
-        """Fail at start, naming the setting, rather than after minutes of rollouts.
+    def validate(self, min_new_tokens: int, processes: int = 1, prefix: str = "algo") -> None:
+        """Fail at start, naming the setting as the user writes it (`algo.eps_low`), rather than
+        inside the first step after data, weights and the start evaluation have been loaded.
 
         `processes`: the data-parallel processes the prompts of a step are shared among.
         """
-        if self.group_size < 2:
-            raise ValueError(f"algo.group_size must be >= 2 (GRPO compares responses), got {self.group_size}")
-        if self.prompts_per_step < 1:
-            raise ValueError(f"algo.prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        if self.prompts_per_step % self.mini_batches:
-            raise ValueError(
-                f"algo.prompts_per_step={self.prompts_per_step} is not divisible by "
-                f"algo.mini_batches={self.mini_batches}: a group must never span mini-batches"
-            )
-        if self.max_new_tokens < min_new_tokens:
-            raise ValueError(
-                f"algo.max_new_tokens={self.max_new_tokens} is too few for the schema, whose shortest "
-                f"valid response needs about {min_new_tokens} tokens"
-            )
-        if self.loss_type not in {"grpo", "dapo", "dr_grpo"}:
-            raise ValueError(f"algo.loss_type must be grpo, dapo or dr_grpo, got {self.loss_type!r}")
-        if self.scale_rewards not in {"group", "batch", "none"}:
-            raise ValueError(f"algo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
-        if self.num_iterations < 1:
-            raise ValueError(f"algo.num_iterations must be >= 1, got {self.num_iterations}")
+        problems = settings_problems(self, min_new_tokens, prefix)
+        if problems:
+            raise ValueError("; ".join(problems))
         if processes > 1:
-            check_divisible(self.prompts_per_step, self.mini_batches, processes, "algo.prompts_per_step")
+            check_divisible(self.prompts_per_step, self.mini_batches, processes, f"{prefix}.prompts_per_step")
+
+
+def settings_problems(s: GRPOSettings, min_new_tokens: int, prefix: str = "algo") -> list[str]:
+    """Every out-of-range GRPO setting, one message each (all of them at once, not one per run)."""
+    checks: list[tuple[bool, str]] = [
+        (s.group_size >= 2, f"group_size must be >= 2 (GRPO compares responses), got {s.group_size}"),
+        (s.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {s.prompts_per_step}"),
+        (s.mini_batches >= 1, f"mini_batches must be >= 1, got {s.mini_batches}"),
+        (
+            s.mini_batches < 1 or s.prompts_per_step % s.mini_batches == 0,
+            f"prompts_per_step={s.prompts_per_step} is not divisible by {prefix}.mini_batches="
+            f"{s.mini_batches}: a group must never span mini-batches",
+        ),
+        (
+            s.max_new_tokens >= min_new_tokens,
+            f"max_new_tokens={s.max_new_tokens} is too few for the schema, whose shortest valid "
+            f"response needs about {min_new_tokens} tokens",
+        ),
+        (
+            s.temperature > 0,
+            f"temperature must be > 0, got {s.temperature}: greedy decoding gives a group G identical "
+            "responses and so no advantage",
+        ),
+        (0 < s.top_p <= 1, f"top_p must be in (0, 1], got {s.top_p}"),
+        (0 <= s.eps_low < 1, f"eps_low must be in [0, 1), got {s.eps_low}"),
+        (s.eps_high >= 0, f"eps_high must be >= 0, got {s.eps_high}"),
+        (s.beta >= 0, f"beta must be >= 0, got {s.beta}"),
+        (s.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {s.loss_type!r}"),
+        (s.scale_rewards in SCALES, f"scale_rewards must be one of {', '.join(SCALES)}, got {s.scale_rewards!r}"),
+        (s.advantage_eps >= 0, f"advantage_eps must be >= 0, got {s.advantage_eps}"),
+        (s.num_iterations >= 1, f"num_iterations must be >= 1, got {s.num_iterations}"),
+        (s.max_grad_norm > 0, f"max_grad_norm must be > 0, got {s.max_grad_norm}"),
+        (s.max_steps >= 1, f"max_steps must be >= 1, got {s.max_steps}"),
+        (s.warmup_steps >= 0, f"warmup_steps must be >= 0, got {s.warmup_steps}"),
+        (s.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}"),
+        (0 <= s.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}"),
+        (s.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {s.logprob_chunk_size}"),
+        (s.dynamic_max_rounds >= 0, f"dynamic_sampling.max_rounds must be >= 0, got {s.dynamic_max_rounds}"),
+        (s.log_samples_every >= 0, f"log_samples_every must be >= 0 (0: never), got {s.log_samples_every}"),
+    ]
+    return [f"{prefix}.{message}" for ok, message in checks if not ok]
 
 
 def replace_groups(rollout: Rollout, groups: torch.Tensor, fresh: Rollout, pad_id: int) -> Rollout:
@@ -140,6 +159,20 @@ def replace_groups(rollout: Rollout, groups: torch.Tensor, fresh: Rollout, pad_i
         truncated=torch.where(rows, fresh.truncated, rollout.truncated),
         group_size=rollout.group_size,
     )
+
+
+def reference_shares_image_features(policy: torch.nn.Module) -> bool:
+    """True when the reference's image features equal the policy's at every step, so that the
+    features computed once per prompt for sampling can serve the reference too.
+
+    That holds only when the vision tower never trains and no adapter touches it: under LoRA the
+    reference is the policy with its adapters off, and an adapter in the vision tower (even a
+    frozen one, trained in the warm start) changes what the reference would see.
+    """
+    if not vision_is_frozen(policy):
+        return False
+    visual = unwrap_model(policy).model.visual
+    return not any("lora_" in name for name, _ in visual.named_parameters())
 
 
 def box_areas(parsed: Sequence[ParsedResponse], samples: Sequence[Sample]) -> tuple[list[float], list[float]]:
@@ -389,13 +422,17 @@ class GRPOModule(L.LightningModule):
         rollout: Rollout,
         prompts: slice | None = None,
         entropy: bool = False,
+        reference: bool = False,
     ) -> Any:
         prompts = prompts or slice(0, len(prepared.samples))
         encoded = select_prompts(prepared.encoded, prompts)
-        if not vision_is_frozen(self.policy) and (torch.is_grad_enabled() or model is not self.policy):
+        if (reference and not reference_shares_image_features(self.policy)) or (
+            torch.is_grad_enabled() and not vision_is_frozen(self.policy)
+        ):
             # A training vision tower changes every update: its features are recomputed (once per
-            # prompt per update) so that they carry this update's gradient; a frozen-copy reference
-            # sees the images through its own (start-of-GRPO) vision tower.
+            # prompt per update) so that they carry this update's gradient. The reference sees the
+            # images through its own vision tower (the frozen copy's, or the base weights with the
+            # adapter off) unless that tower is provably the policy's.
             encoded = with_image_features_from(model, encoded)
         rows = self._row_slice(prompts)
         return completion_logprobs(
@@ -435,20 +472,17 @@ class GRPOModule(L.LightningModule):
         advantages = self._advantages(total).to(rollout.completion_ids.device)
         t_score = time.perf_counter()
 
+        # One rollout feeding more than one optimiser step (mu > 1 or several mini-batches) needs the
+        # log-probs of the policy that sampled it: after the first step the policy has moved, and a
+        # ratio against logp.detach() would be pinned at 1 (no clipping, a wrong gradient).
         old_logp = None
-        if s.num_iterations > 1:
+        if s.num_iterations > 1 or s.mini_batches > 1:
             with torch.no_grad():
                 old_logp = self._logprobs(self.policy, prepared, rollout)
         ref_logp = None
         if s.beta > 0:
             with torch.no_grad(), self.reference_context() as reference:
-                ref_logp = self._logprobs(reference, prepared, rollout)
-
-        # dr_grpo divides by the completion width; one process pads to its widest completion in the
-        # whole batch, so every process divides by the widest of all of them.
-        completion_length = None
-        if is_distributed() and s.loss_type == "dr_grpo":
-            completion_length = max_over_ranks(rollout.completion_ids.shape[1])
+                ref_logp = self._logprobs(reference, prepared, rollout, reference=True)
 
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -456,7 +490,7 @@ class GRPOModule(L.LightningModule):
         n_prompts = len(prepared.samples)
         per_mini = max(1, n_prompts // s.mini_batches)
         update_stats: list[dict[str, float]] = []
-        for _ in range(s.num_iterations):
+        for iteration in range(s.num_iterations):
             for start in range(0, n_prompts, per_mini):
                 prompts = slice(start, min(n_prompts, start + per_mini))
                 rows = self._row_slice(prompts)
@@ -472,27 +506,25 @@ class GRPOModule(L.LightningModule):
                     eps_high=s.eps_high,
                     beta=s.beta,
                     loss_type=s.loss_type,
-                    max_completion_length=completion_length,
+                    # Dr. GRPO's divisor is a constant of the run, not the width of this batch: the
+                    # same token then gets the same gradient however long its neighbours are.
+                    max_completion_length=s.max_new_tokens if s.loss_type == "dr_grpo" else None,
                 )
-                if any_rank(not torch.isfinite(loss)):  # all processes stop together
-                    raise NonFiniteLossError(
-                        f"non-finite loss at GRPO step {self.rollout_step} (this process's loss: "
-                        f"{loss.item()}); the last good checkpoint is kept in the run folder"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                with no_backward_sync(self.trainer):
-                    self.manual_backward(loss)
-                # The single-process gradient of the global mini-batch (no-op with one process).
-                if reduces_gradients_here(self.trainer):
-                    all_reduce_gradients(trainable, loss_weight(mask, s.loss_type))
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, s.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                grad_norm = optimizer_update(
+                    self,
+                    optimizer,
+                    scheduler,
+                    loss,
+                    trainable,
+                    loss_weight(mask, s.loss_type),
+                    s.max_grad_norm,
+                    f"GRPO step {self.rollout_step} (iteration {iteration}, prompts {prompts.start}-{prompts.stop - 1})",
+                )
                 token_entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
                 update_stats.append(
                     {
                         "loss": float(loss.detach()),
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": grad_norm,
                         "entropy": float(token_entropy.detach()),
                         **{k: float(v) for k, v in stats.items()},
                     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+
 
 def lr_factor(
     warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.1
@@ -14,7 +16,7 @@ def lr_factor(
     Cosine decays to `min_ratio` (not 0) because box placement keeps improving in a long
     low-learning-rate tail (findings.md), which a decay to zero would cut off.
     """
-    if schedule not in {"cosine", "constant"}:
+    if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {schedule!r}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")

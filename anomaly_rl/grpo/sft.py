@@ -20,24 +20,20 @@ import torch
 
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.distributed import (
-    all_reduce_gradients,
-    any_rank,
     check_divisible,
     gather_objects,
     is_distributed,
     loss_weight,
-    no_backward_sync,
     own_state,
     rank,
     rank_seed,
-    reduces_gradients_here,
     weighted_mean_over_ranks,
     world_size,
 )
-from anomaly_rl.grpo.errors import NonFiniteLossError
 from anomaly_rl.grpo.prompts import prepare_prompts
 from anomaly_rl.grpo.rng import as_tuples, capture_rng, restore_rng
 from anomaly_rl.grpo.schedule import lr_factor
+from anomaly_rl.grpo.update import optimizer_update
 from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
 from anomaly_rl.schemas.base import Schema
 
@@ -144,21 +140,14 @@ class SFTModule(L.LightningModule):
         logp = completion_logprobs(self.policy, prepared.encoded, ids, mask, 1, temperature=1.0)
         mask_f = mask.float()
         loss = -(logp * mask_f).sum() / mask_f.sum().clamp(min=1)
-        if any_rank(not torch.isfinite(loss)):  # all processes stop together
-            raise NonFiniteLossError(f"non-finite SFT loss at step {self.step_index}")
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        optimizer.zero_grad(set_to_none=True)
-        with no_backward_sync(self.trainer):
-            self.manual_backward(loss)
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         # A per-token mean: processes weigh by their token counts (no-op with one process).
         weight = loss_weight(mask_f, "sft")
-        if reduces_gradients_here(self.trainer):
-            all_reduce_gradients(trainable, weight)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        optimizer = self.optimizers()
+        grad_norm = optimizer_update(
+            self, optimizer, self.lr_schedulers(), loss, trainable, weight, self.settings.max_grad_norm,
+            f"SFT step {self.step_index}",
+        )
         self.step_index += 1
         metrics = {
             "sft/loss": weighted_mean_over_ranks(float(loss.detach()), weight),

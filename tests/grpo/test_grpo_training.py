@@ -33,24 +33,6 @@ def test_default_pipeline_runs_and_writes_its_run_folder(tmp_path: Path) -> None
     assert (run / "checkpoints" / "grpo" / "last.ckpt").is_file()
 
 
-def test_resume_gives_identical_weights(tmp_path: Path) -> None:
-    common = ["warm_start.enabled=false", "eval.enabled=false", "algo.max_steps=4"]
-    straight = compose_run(tmp_path, "straight", common)
-    train(straight)
-
-    paused = compose_run(tmp_path, "paused", [*common, "pause_after_steps=2"])
-    first = train(paused)
-    assert "paused" in first
-    assert not (tmp_path / "paused" / "final").exists()
-    resumed = compose_run(tmp_path, "ignored", [f"resume={tmp_path / 'paused'}"])
-    train(resumed)
-
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "paused")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -88,8 +70,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
         train(cfg)
     last = tmp_path / "nan" / "checkpoints" / "grpo" / "last.ckpt"
     assert last.is_file()
-    state = torch.load(last, weights_only=False)["anomaly_rl"]
-    assert state["rollout_step"] == 2
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["anomaly_rl"]["rollout_step"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in checkpoint["state_dict"].values() if t.is_floating_point())
     assert (tmp_path / "nan" / "failure.txt").is_file()
 
 

@@ -1,0 +1,68 @@
+"""One optimiser update, the same for SFT and GRPO: backward, gradient all-reduce, clip, finite
+guard, step.
+
+The guard exists because `clip_grad_norm_` does not raise on a NaN norm and `optimizer.step()`
+happily writes NaN weights: a finite loss can still carry a non-finite gradient (a term whose value
+is 0 and whose derivative is not), and the next periodic checkpoint would then overwrite the last
+good one. Every process takes the same decision (`any_rank`), so none is left waiting in a
+collective while the others stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from anomaly_rl.grpo.distributed import (
+    all_reduce_gradients,
+    any_rank,
+    no_backward_sync,
+    reduces_gradients_here,
+)
+from anomaly_rl.grpo.errors import NonFiniteGradientError, NonFiniteLossError
+
+
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """Raise on every process when the loss of any process is NaN or infinite."""
+    if any_rank(not bool(torch.isfinite(loss.detach()).all())):
+        raise NonFiniteLossError(
+            f"non-finite loss at {where} (this process's loss: {float(loss.detach())}); "
+            "no update was made and the last checkpoint in the run folder holds the last good weights"
+        )
+
+
+def optimizer_update(
+    module: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loss: torch.Tensor,
+    trainable: Sequence[torch.nn.Parameter],
+    weight: float,
+    max_grad_norm: float,
+    where: str,
+) -> float:
+    """Backward `loss`, combine the gradients of every process with `weight` (the loss's own
+    denominator), clip, and step, unless the gradient is non-finite on any process.
+
+    Returns the gradient norm before clipping. `where` names the step in error messages
+    ("GRPO step 3, update 2").
+    """
+    check_finite_loss(loss, where)
+    optimizer.zero_grad(set_to_none=True)
+    with no_backward_sync(module.trainer):
+        module.manual_backward(loss)
+    if reduces_gradients_here(module.trainer):
+        all_reduce_gradients(trainable, weight)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    if any_rank(not bool(torch.isfinite(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)  # nothing non-finite is left for a later step to apply
+        raise NonFiniteGradientError(
+            f"non-finite gradient at {where} (this process's gradient norm: {float(grad_norm)}, loss "
+            f"{float(loss.detach())}); no update was made and the last checkpoint in the run folder "
+            "holds the last good weights"
+        )
+    optimizer.step()
+    scheduler.step()
+    return float(grad_norm)
