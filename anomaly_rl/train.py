@@ -14,6 +14,7 @@ rank 0 alone while the others wait for it (`barrier`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -33,9 +34,9 @@ from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.distributed import barrier, broadcast_from_zero, check_divisible, is_rank_zero
-from anomaly_rl.grpo.module import GRPOModule, GRPOSettings, settings_problems
-from anomaly_rl.grpo.schedule import LR_SCHEDULES
-from anomaly_rl.grpo.sft import SFTModule, SFTSettings
+from anomaly_rl.grpo.module import GRPOModule
+from anomaly_rl.grpo.settings import GRPOSettings, SFTSettings
+from anomaly_rl.grpo.sft import SFTModule
 from anomaly_rl.models.loading import load_model_and_processor
 from anomaly_rl.models.processing import unwrap_model
 from anomaly_rl.models.weights import load_policy_weights, save_policy
@@ -162,29 +163,14 @@ def _fit(module: L.LightningModule, trainer: L.Trainer, checkpoint: StepCheckpoi
     return time.perf_counter() - start
 
 
-def _sft_settings(algo_cfg: DictConfig) -> SFTSettings:
-    return SFTSettings(
-        max_steps=int(algo_cfg.max_steps),
-        warmup_steps=int(algo_cfg.warmup_steps),
-        lr_schedule=str(algo_cfg.lr_schedule),
-        min_lr_ratio=float(algo_cfg.min_lr_ratio),
-        max_grad_norm=float(algo_cfg.max_grad_norm),
-        box_grid=int(algo_cfg.box_grid),
-        optimizer_factory=hydra.utils.instantiate(algo_cfg.optimizer),
-    )
+WARM_START_SWITCHES = ("enabled", "checkpoint")
+"""Keys of the `warm_start` block that say whether and from where, not how: not SFT settings."""
 
 
-def _sft_problems(block: DictConfig, prefix: str) -> list[str]:
-    checks = [
-        (int(block.batch_size) >= 1, f"batch_size must be >= 1, got {block.batch_size}"),
-        (int(block.max_steps) >= 1, f"max_steps must be >= 1, got {block.max_steps}"),
-        (int(block.warmup_steps) >= 0, f"warmup_steps must be >= 0, got {block.warmup_steps}"),
-        (str(block.lr_schedule) in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {block.lr_schedule!r}"),
-        (0 <= float(block.min_lr_ratio) <= 1, f"min_lr_ratio must be in [0, 1], got {block.min_lr_ratio}"),
-        (float(block.max_grad_norm) > 0, f"max_grad_norm must be > 0, got {block.max_grad_norm}"),
-        (float(block.optimizer.lr) > 0, f"optimizer.lr must be > 0, got {block.optimizer.lr}"),
-    ]
-    return [f"{prefix}.{message}" for ok, message in checks if not ok]
+def sft_settings(block: DictConfig) -> SFTSettings:
+    """The SFT settings of `algo` (algo=sft), `warm_start` or the control (conf/algo/sft.yaml)."""
+    keys = [k for k in block if k not in WARM_START_SWITCHES]
+    return hydra.utils.instantiate(OmegaConf.masked_copy(block, keys))
 
 
 def _eval_problems(eval_cfg: DictConfig) -> list[str]:
@@ -198,65 +184,42 @@ def _eval_problems(eval_cfg: DictConfig) -> list[str]:
     return [f"eval.{message}" for ok, message in checks if not ok]
 
 
-def check_settings(cfg: DictConfig, min_new_tokens: int, processes: int) -> GRPOSettings | None:
-    """Validate every algo.*, warm_start.*, control.* and eval.* setting at once; returns the GRPO
-    settings when the run trains with GRPO. Raises ValueError listing every problem found."""
+def check_settings(
+    cfg: DictConfig, min_new_tokens: int, processes: int
+) -> tuple[GRPOSettings | SFTSettings, SFTSettings | None]:
+    """Instantiate and validate every algo.*, warm_start.*, control.* and eval.* setting at once.
+
+    Returns the settings of the main phase and those of the warm start (None when no phase uses
+    them). Raises ValueError listing every problem found, before any data or weights are loaded.
+    """
     algo = str(cfg.algo.name)
     problems: list[str] = []
-    settings = None
+    warm_start: SFTSettings | None = None
     if algo == "grpo":
-        settings = grpo_settings(cfg.algo)
-        problems += settings_problems(settings, min_new_tokens)
-        if float(cfg.algo.optimizer.lr) <= 0:
-            problems.append(f"algo.optimizer.lr must be > 0, got {cfg.algo.optimizer.lr}")
+        settings: GRPOSettings | SFTSettings = hydra.utils.instantiate(cfg.algo)
+        problems += settings.problems(min_new_tokens)
         if cfg.warm_start.enabled or cfg.control.enabled:
-            problems += _sft_problems(cfg.warm_start, "warm_start")
+            warm_start = sft_settings(cfg.warm_start)
+            problems += warm_start.problems("warm_start")
         if cfg.control.enabled and float(cfg.control.lr) <= 0:
             problems.append(f"control.lr must be > 0, got {cfg.control.lr}")
     elif algo == "sft":
-        problems += _sft_problems(cfg.algo, "algo")
+        settings = sft_settings(cfg.algo)
+        problems += settings.problems("algo")
     else:
-        problems.append(f"algo.name must be grpo or sft, got {algo!r}")
+        raise ValueError(f"algo.name must be grpo or sft, got {algo!r}")
     if cfg.eval.enabled:
         problems += _eval_problems(cfg.eval)
     if problems:
         raise ValueError("; ".join(problems))
     if processes > 1:  # each process takes whole groups, and an equal share of every SFT batch
-        if settings is not None:
+        if isinstance(settings, GRPOSettings):
             check_divisible(settings.prompts_per_step, settings.mini_batches, processes, "algo.prompts_per_step")
-        if algo == "sft":
-            check_divisible(int(cfg.algo.batch_size), 1, processes, "algo.batch_size")
-        elif cfg.warm_start.enabled or cfg.control.enabled:
-            check_divisible(int(cfg.warm_start.batch_size), 1, processes, "warm_start.batch_size")
-    return settings
-
-
-def grpo_settings(algo_cfg: DictConfig) -> GRPOSettings:
-    return GRPOSettings(
-        group_size=int(algo_cfg.group_size),
-        prompts_per_step=int(algo_cfg.prompts_per_step),
-        temperature=float(algo_cfg.temperature),
-        top_p=float(algo_cfg.top_p),
-        max_new_tokens=int(algo_cfg.max_new_tokens),
-        beta=float(algo_cfg.beta),
-        eps_low=float(algo_cfg.eps_low),
-        eps_high=float(algo_cfg.eps_high),
-        loss_type=str(algo_cfg.loss_type),
-        scale_rewards=str(algo_cfg.scale_rewards),
-        advantage_eps=float(algo_cfg.advantage_eps),
-        num_iterations=int(algo_cfg.num_iterations),
-        mini_batches=int(algo_cfg.mini_batches),
-        max_grad_norm=float(algo_cfg.max_grad_norm),
-        max_steps=int(algo_cfg.max_steps),
-        warmup_steps=int(algo_cfg.warmup_steps),
-        lr_schedule=str(algo_cfg.lr_schedule),
-        min_lr_ratio=float(algo_cfg.min_lr_ratio),
-        logprob_chunk_size=int(algo_cfg.logprob_chunk_size),
-        dynamic_sampling=bool(algo_cfg.dynamic_sampling.enabled),
-        dynamic_max_rounds=int(algo_cfg.dynamic_sampling.max_rounds),
-        log_samples_every=int(algo_cfg.log_samples_every),
-        optimizer_factory=hydra.utils.instantiate(algo_cfg.optimizer),
-    )
+        else:
+            check_divisible(settings.batch_size, 1, processes, "algo.batch_size")
+        if warm_start is not None:
+            check_divisible(warm_start.batch_size, 1, processes, "warm_start.batch_size")
+    return settings, warm_start
 
 
 def _resolve_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path]:
@@ -277,16 +240,42 @@ def _resolve_run_dir(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return resumed, run_dir
 
 
-def _shipped_warm_start(cfg: DictConfig) -> Path | None:
-    """The committed warm-start weights named by `warm_start.checkpoint`, when that folder has them."""
+def _shipped_warm_start(cfg: DictConfig) -> tuple[Path | None, bool]:
+    """Where the SFT warm start comes from: (weights to load or None, whether to train it here).
+
+    `warm_start.checkpoint` holds weights trained for one model — the committed one for the tiny
+    model. Weights never fit another model (other tokenizer, other shapes), so when the folder
+    records (meta.json, or the run config beside it) another `model.name` than this run's, it is not
+    loaded, and no warm start is trained either: the `warm_start.*` recipe beside it is sized for
+    that model too (1,200 SFT steps at lr 1e-3 for the tiny one). The run's model then starts GRPO
+    from its own pretrained weights, as the real-model recipes do.
+    """
+    # Imported here so that this rule stays in one place of this file.
+    from anomaly_rl.models.weights import has_trained_weights, recorded_model_name
+
     folder = cfg.warm_start.get("checkpoint")
     if not folder:
-        return None
+        return None, True
     folder = Path(folder).expanduser()
-    if (folder / "weights.pt").is_file():
-        return folder
-    log.warning("warm_start.checkpoint=%s holds no weights.pt: training the warm start instead", folder)
-    return None
+    if not has_trained_weights(folder):
+        log.warning("warm_start.checkpoint=%s holds no trained weights: training the warm start instead", folder)
+        return None, True
+    model_name, made_for = str(cfg.model.name), recorded_model_name(folder)
+    if made_for is None:
+        log.warning(
+            "warm_start.checkpoint=%s does not record which model it was trained for: loading it into "
+            "model.name=%s (its tokenizer is checked)", folder, model_name,
+        )
+        return folder, False
+    if made_for != model_name:
+        log.warning(
+            "warm start skipped: warm_start.checkpoint=%s was trained for model.name=%s, this run trains "
+            "model.name=%s, whose GRPO starts from its own pretrained weights (warm_start.enabled=false "
+            "says so without this warning; warm_start.checkpoint=null trains an SFT warm start here, "
+            "sized by warm_start.*)", folder, made_for, model_name,
+        )
+        return None, False
+    return folder, False
 
 
 def _check_init_from(init_from: str | None) -> Path | None:
@@ -317,7 +306,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     schema = hydra.utils.instantiate(cfg.schema)
     algo = str(cfg.algo.name)
     processes = expected_processes(cfg.trainer) or 1
-    settings = check_settings(cfg, int(getattr(schema, "min_new_tokens", 1)), processes)
+    settings, warm_start_settings = check_settings(cfg, int(getattr(schema, "min_new_tokens", 1)), processes)
     if not cfg.get("resume") and is_rank_zero():
         save_resolved_config(cfg, run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -341,21 +330,16 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             state.add_row(name, metrics["overall"])
         barrier()  # the other processes (if any) wait for rank 0's evaluation
 
-    def run_sft(phase: str, algo_cfg: DictConfig, max_minutes: float | None = None, max_steps: int | None = None) -> None:
+    def run_sft(phase: str, sft: SFTSettings, max_minutes: float | None = None, max_steps: int | None = None) -> None:
         if state.done(phase):
             load_policy_weights(model, run_dir / phase)
             return
-        sft = _sft_settings(algo_cfg)
         if max_steps is not None:
-            sft.max_steps = max_steps
-        batches = ResumableBatches(
-            datamodule.train_samples, int(algo_cfg.batch_size), int(cfg.seed), load_batch
-        )
+            sft = dataclasses.replace(sft, max_steps=max_steps)
+        batches = ResumableBatches(datamodule.train_samples, sft.batch_size, int(cfg.seed), load_batch)
         module = SFTModule(model, processor, schema, batches, sft)
-        minutes = max_minutes if max_minutes is not None else algo_cfg.get("max_minutes")
-        trainer, checkpoint = _phase_trainer(
-            cfg, run_dir, phase, sft.max_steps, minutes, int(algo_cfg.checkpoint_every)
-        )
+        minutes = max_minutes if max_minutes is not None else sft.max_minutes
+        trainer, checkpoint = _phase_trainer(cfg, run_dir, phase, sft.max_steps, minutes, sft.checkpoint_every)
         seconds = _fit(module, trainer, checkpoint)
         if _stopped_early(module.step_index, sft.max_steps, trainer):
             raise _Paused(phase, module.step_index)
@@ -368,24 +352,25 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         log.info("initialising from %s", init_folder)
         load_policy_weights(model, init_folder, processor)
     if algo == "sft":
-        run_sft("final", cfg.algo)
+        run_sft("final", settings)
         evaluate_row("sft")
     else:
-        shipped = _shipped_warm_start(cfg)
-        if cfg.warm_start.enabled and init_folder is None and shipped is not None and not state.done("sft"):
+        warm_start = bool(cfg.warm_start.enabled) and init_folder is None
+        shipped, train_warm_start = _shipped_warm_start(cfg) if warm_start else (None, False)
+        if shipped is not None and not state.done("sft"):
             log.info("warm start: loading %s (warm_start.checkpoint=null trains it here instead)", shipped)
             load_policy_weights(model, shipped, processor)
             if is_rank_zero():
                 save_policy(model, processor, run_dir / "sft")
             state.finish("sft", 0.0)
-        elif cfg.warm_start.enabled and init_folder is None:
-            run_sft("sft", cfg.warm_start)
+        elif warm_start and (train_warm_start or state.done("sft")):  # state.done: reloaded, not retrained
+            run_sft("sft", warm_start_settings)
         start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.eval.before_grpo:
             evaluate_row("start")
         trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         if not state.done("final"):
-            if not cfg.algo.get("train_vision", True):
+            if not settings.train_vision:
                 # GRPO's reward is noisy; keeping the (SFT-trained) vision tower fixed spends the signal
                 # on the decisions made from what it sees, and lets one feature pass serve each step.
                 unwrap_model(model).model.visual.requires_grad_(False)
@@ -398,7 +383,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             )
             updates = settings.max_steps * settings.num_iterations * settings.mini_batches
             trainer, checkpoint = _phase_trainer(
-                cfg, run_dir, "grpo", updates, cfg.algo.get("max_minutes"), int(cfg.algo.checkpoint_every)
+                cfg, run_dir, "grpo", updates, settings.max_minutes, settings.checkpoint_every
             )
             seconds = _fit(module, trainer, checkpoint)
             if _stopped_early(module.rollout_step, settings.max_steps, trainer):
@@ -417,9 +402,11 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             for name, parameter in model.named_parameters():  # what GRPO froze, more SFT trains again
                 parameter.requires_grad_(trainable[name])
             grpo_seconds = float(state.data["seconds"].get("final", 0.0))
-            control = OmegaConf.merge(
-                cfg.warm_start,
-                {"warmup_steps": 0, "lr_schedule": "constant", "optimizer": {"lr": float(cfg.control.lr)}},
+            control = sft_settings(
+                OmegaConf.merge(
+                    cfg.warm_start,
+                    {"warmup_steps": 0, "lr_schedule": "constant", "optimizer": {"lr": float(cfg.control.lr)}},
+                )
             )
             run_sft("control", control, max_minutes=grpo_seconds / 60.0, max_steps=10**9)
             evaluate_row("sft_control")

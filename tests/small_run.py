@@ -6,12 +6,15 @@ runs in seconds. Shared by the pipeline, evaluation, W&B and MMAD tests.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -69,3 +72,11 @@ def compose_config(name: str, root: Path, out_dir: Path, overrides: list[str]) -
 def compose_small_run(tmp_path: Path, run: str, overrides: list[str]) -> DictConfig:
     """The train config of a small run in `tmp_path/run`; data and model caches shared across tests."""
     return compose_config("train", tmp_path.parent / "shared", tmp_path / run, [*SMALL, *overrides])
+
+
+def algo_settings(name: str = "grpo", optimizer: Any = None, **overrides: Any) -> Any:
+    """`conf/algo/<name>.yaml` instantiated with `overrides` (nested dicts for nested keys), the
+    way the training entry point does; `optimizer` replaces the configured optimiser factory."""
+    node = OmegaConf.merge(OmegaConf.load(CONF / "algo" / f"{name}.yaml"), overrides)
+    settings = hydra.utils.instantiate(node)
+    return dataclasses.replace(settings, optimizer=optimizer) if optimizer is not None else settings

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from anomaly_rl.data.records import Sample
-from anomaly_rl.grpo.advantages import SCALES, group_advantages, zero_std_group_fraction, zero_variance_groups
+from anomaly_rl.grpo.advantages import group_advantages, zero_std_group_fraction, zero_variance_groups
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.distributed import (
     check_divisible,
@@ -37,10 +37,11 @@ from anomaly_rl.grpo.distributed import (
     rank_seed,
     world_size,
 )
-from anomaly_rl.grpo.loss import LOSS_TYPES, policy_loss
+from anomaly_rl.grpo.loss import policy_loss
 from anomaly_rl.grpo.prompts import PreparedPrompts, parse_in_original_frame, prepare_prompts, select_prompts
 from anomaly_rl.grpo.rng import capture_rng, restore_rng
-from anomaly_rl.grpo.schedule import LR_SCHEDULES, lr_factor
+from anomaly_rl.grpo.schedule import lr_factor
+from anomaly_rl.grpo.settings import GRPOSettings
 from anomaly_rl.grpo.update import optimizer_update
 from anomaly_rl.models.processing import (
     never_sampled_token_ids,
@@ -56,86 +57,6 @@ from anomaly_rl.schemas.base import Schema
 from anomaly_rl.schemas.parsed import ParsedResponse
 
 log = logging.getLogger("anomaly_rl")
-
-@dataclass
-class GRPOSettings:
-    group_size: int = 6
-    prompts_per_step: int = 8
-    temperature: float = 0.9
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    beta: float = 0.04
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    loss_type: str = "grpo"
-    scale_rewards: str = "group"
-    advantage_eps: float = 1e-4
-    num_iterations: int = 1
-    mini_batches: int = 1
-    max_grad_norm: float = 1.0
-    max_steps: int = 200
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    logprob_chunk_size: int = 16
-    dynamic_sampling: bool = False
-    dynamic_max_rounds: int = 3
-    log_samples_every: int = 50
-    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = field(default=None, repr=False)
-
-    def validate(self, min_new_tokens: int, processes: int = 1, prefix: str = "algo") -> None:
-        """Fail at start, naming the setting as the user writes it (`algo.eps_low`), rather than
-        inside the first step after data, weights and the start evaluation have been loaded.
-
-        `processes`: the data-parallel processes the prompts of a step are shared among.
-        """
-        problems = settings_problems(self, min_new_tokens, prefix)
-        if problems:
-            raise ValueError("; ".join(problems))
-        if processes > 1:
-            check_divisible(self.prompts_per_step, self.mini_batches, processes, f"{prefix}.prompts_per_step")
-
-
-def settings_problems(s: GRPOSettings, min_new_tokens: int, prefix: str = "algo") -> list[str]:
-    """Every out-of-range GRPO setting, one message each (all of them at once, not one per run)."""
-    checks: list[tuple[bool, str]] = [
-        (s.group_size >= 2, f"group_size must be >= 2 (GRPO compares responses), got {s.group_size}"),
-        (s.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {s.prompts_per_step}"),
-        (s.mini_batches >= 1, f"mini_batches must be >= 1, got {s.mini_batches}"),
-        (
-            s.mini_batches < 1 or s.prompts_per_step % s.mini_batches == 0,
-            f"prompts_per_step={s.prompts_per_step} is not divisible by {prefix}.mini_batches="
-            f"{s.mini_batches}: a group must never span mini-batches",
-        ),
-        (
-            s.max_new_tokens >= min_new_tokens,
-            f"max_new_tokens={s.max_new_tokens} is too few for the schema, whose shortest valid "
-            f"response needs about {min_new_tokens} tokens",
-        ),
-        (
-            s.temperature > 0,
-            f"temperature must be > 0, got {s.temperature}: greedy decoding gives a group G identical "
-            "responses and so no advantage",
-        ),
-        (0 < s.top_p <= 1, f"top_p must be in (0, 1], got {s.top_p}"),
-        (0 <= s.eps_low < 1, f"eps_low must be in [0, 1), got {s.eps_low}"),
-        (s.eps_high >= 0, f"eps_high must be >= 0, got {s.eps_high}"),
-        (s.beta >= 0, f"beta must be >= 0, got {s.beta}"),
-        (s.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {s.loss_type!r}"),
-        (s.scale_rewards in SCALES, f"scale_rewards must be one of {', '.join(SCALES)}, got {s.scale_rewards!r}"),
-        (s.advantage_eps >= 0, f"advantage_eps must be >= 0, got {s.advantage_eps}"),
-        (s.num_iterations >= 1, f"num_iterations must be >= 1, got {s.num_iterations}"),
-        (s.max_grad_norm > 0, f"max_grad_norm must be > 0, got {s.max_grad_norm}"),
-        (s.max_steps >= 1, f"max_steps must be >= 1, got {s.max_steps}"),
-        (s.warmup_steps >= 0, f"warmup_steps must be >= 0, got {s.warmup_steps}"),
-        (s.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}"),
-        (0 <= s.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}"),
-        (s.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {s.logprob_chunk_size}"),
-        (s.dynamic_max_rounds >= 0, f"dynamic_sampling.max_rounds must be >= 0, got {s.dynamic_max_rounds}"),
-        (s.log_samples_every >= 0, f"log_samples_every must be >= 0 (0: never), got {s.log_samples_every}"),
-    ]
-    return [f"{prefix}.{message}" for ok, message in checks if not ok]
-
 
 def replace_groups(rollout: Rollout, groups: torch.Tensor, fresh: Rollout, pad_id: int) -> Rollout:
     """`rollout` with the rows of the groups flagged in `groups` taken from `fresh`.
@@ -340,8 +261,7 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters (check model.finetune / model.lora)")
-        factory = self.settings.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=1e-5))
-        optimizer = factory(params)
+        optimizer = self.settings.optimizer(params)
         updates_per_step = self.settings.num_iterations * self.settings.mini_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -463,7 +383,7 @@ class GRPOModule(L.LightningModule):
         parsed, rewards = self._score(prepared, rollout)
 
         dynamic_rounds = 0
-        if s.dynamic_sampling:
+        if s.dynamic_sampling.enabled:
             prepared, rollout, parsed, rewards, dynamic_rounds = self._resample_flat_groups(
                 prepared, rollout, parsed, rewards
             )
@@ -592,13 +512,13 @@ class GRPOModule(L.LightningModule):
         """DAPO's dynamic sampling, keyed on the classification reward (not the shaped total).
 
         Groups whose classification reward is flat teach the decision nothing; they are sampled
-        again, up to `dynamic_max_rounds` times, and a group still flat afterwards is kept (its
+        again, up to `dynamic_sampling.max_rounds` times, and a group still flat afterwards is kept (its
         advantages may still be non-zero through the other components) — the count is logged.
         """
         s = self.settings
         key = getattr(self.reward, "classification_key", "cls")
         rounds = 0
-        while rounds < s.dynamic_max_rounds:
+        while rounds < s.dynamic_sampling.max_rounds:
             flat = zero_variance_groups(torch.as_tensor(rewards[key], dtype=torch.float32), s.group_size)
             if not bool(flat.any()):
                 break

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -33,20 +32,10 @@ from anomaly_rl.grpo.distributed import (
 from anomaly_rl.grpo.prompts import prepare_prompts
 from anomaly_rl.grpo.rng import as_tuples, capture_rng, restore_rng
 from anomaly_rl.grpo.schedule import lr_factor
+from anomaly_rl.grpo.settings import SFTSettings
 from anomaly_rl.grpo.update import optimizer_update
 from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
 from anomaly_rl.schemas.base import Schema
-
-
-@dataclass
-class SFTSettings:
-    max_steps: int = 1000
-    warmup_steps: int = 20
-    lr_schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    box_grid: int = 1
-    optimizer_factory: Any = None
 
 
 class SFTModule(L.LightningModule):
@@ -88,7 +77,7 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = (self.settings.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=1e-4)))(params)
+        optimizer = self.settings.optimizer(params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lr_factor(

@@ -11,7 +11,7 @@ import torch
 
 from anomaly_rl.grpo.module import replace_groups
 from anomaly_rl.rollout.base import Rollout
-from tests.small_run import compose_small_run
+from tests.small_run import algo_settings, compose_small_run
 
 
 def _rollout(width: int, fill: int, group_size: int, groups: int, tag: str) -> Rollout:
@@ -49,7 +49,7 @@ def _module(tmp_path: Path, reward: Any, max_rounds: int) -> Any:
     from anomaly_rl.data.datamodule import AnomalyDataModule
     from anomaly_rl.evaluation.runner import load_batch
     from anomaly_rl.grpo.batches import ResumableBatches
-    from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
+    from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.models.loading import load_model_and_processor
 
     cfg = compose_small_run(tmp_path, "dyn", [])
@@ -57,10 +57,10 @@ def _module(tmp_path: Path, reward: Any, max_rounds: int) -> Any:
     datamodule.setup("fit")
     torch.manual_seed(0)
     model, processor = load_model_and_processor(cfg.model)
-    settings = GRPOSettings(
+    settings = algo_settings(
         group_size=3, prompts_per_step=2, temperature=1.0, max_new_tokens=8, beta=0.0, max_steps=1,
-        lr_schedule="constant", dynamic_sampling=True, dynamic_max_rounds=max_rounds, log_samples_every=1,
-        optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=1e-4),
+        lr_schedule="constant", dynamic_sampling={"enabled": True, "max_rounds": max_rounds}, log_samples_every=1,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4),
     )
     batches = ResumableBatches(datamodule.train_samples[:2], 2, 0, load_batch)
     schema = hydra.utils.instantiate(cfg.schema)

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from anomaly_rl.train import train
-from tests.small_run import compose_small_run
+from tests.small_run import algo_settings, compose_small_run
 
 
 def compose_run(tmp_path: Path, run: str, overrides: list[str]) -> DictConfig:
@@ -84,7 +84,7 @@ def test_grpo_raises_the_reward_of_a_fixed_batch(tmp_path: Path) -> None:
     from anomaly_rl.data.datamodule import AnomalyDataModule
     from anomaly_rl.evaluation.runner import load_batch
     from anomaly_rl.grpo.batches import ResumableBatches
-    from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
+    from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.models.loading import load_model_and_processor
     from anomaly_rl.rollout.logprobs import make_reference, reference_context
     from anomaly_rl.schemas.adfm import AdfmSchema
@@ -101,9 +101,9 @@ def test_grpo_raises_the_reward_of_a_fixed_batch(tmp_path: Path) -> None:
 
     fixed = datamodule.train_samples[:2]
     batches = ResumableBatches(fixed, 2, 0, load_batch)
-    settings = GRPOSettings(
+    settings = algo_settings(
         group_size=8, prompts_per_step=2, temperature=1.0, max_new_tokens=12, beta=0.0, max_steps=30,
-        lr_schedule="constant", optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+        lr_schedule="constant", optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
     )
     reference = make_reference(model)
     module = GRPOModule(model, processor, schema, share_of_target, batches, settings,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from anomaly_rl.train import train
-from tests.small_run import SMALL, compose_config, compose_small_run
+from tests.small_run import SMALL, algo_settings, compose_config, compose_small_run
 
 
 class DenseTextReward:
@@ -169,7 +169,7 @@ def test_lora_reference_sees_images_through_the_base_vision_tower(tmp_path: Path
     import anomaly_rl.grpo.module as grpo_module
     from anomaly_rl.evaluation.runner import load_batch
     from anomaly_rl.grpo.batches import ResumableBatches
-    from anomaly_rl.grpo.module import GRPOModule, GRPOSettings, reference_shares_image_features
+    from anomaly_rl.grpo.module import GRPOModule, reference_shares_image_features
     from anomaly_rl.models.loading import load_model_and_processor
     from anomaly_rl.rollout.logprobs import reference_context
     from tests.grpo.test_step_reference import plain_token_logprobs
@@ -197,9 +197,9 @@ def test_lora_reference_sees_images_through_the_base_vision_tower(tmp_path: Path
         captured.update(prepared=prepared, rollout=rollout)
 
     monkeypatch.setattr(grpo_module, "policy_loss", recording_loss)
-    settings = GRPOSettings(group_size=3, prompts_per_step=2, temperature=0.9, max_new_tokens=8, beta=0.04,
-                            max_steps=1, lr_schedule="constant", log_samples_every=1,
-                            optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    settings = algo_settings(group_size=3, prompts_per_step=2, temperature=0.9, max_new_tokens=8, beta=0.04,
+                             max_steps=1, lr_schedule="constant", log_samples_every=1,
+                             optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
     batches = ResumableBatches(datamodule.train_samples[:2], 2, 0, load_batch)
     module = GRPOModule(model, processor, hydra.utils.instantiate(cfg.schema), DenseTextReward(), batches,
                         settings, lambda: reference_context(model), sample_logger=keep)

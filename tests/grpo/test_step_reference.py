@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.small_run import compose_small_run
+from tests.small_run import algo_settings, compose_small_run
 
 GROUP = 3
 PROMPTS = 2
@@ -81,7 +81,7 @@ def _run_module_step(
     import anomaly_rl.grpo.module as grpo_module
     from anomaly_rl.evaluation.runner import load_batch
     from anomaly_rl.grpo.batches import ResumableBatches
-    from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
+    from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.rollout.logprobs import make_reference, reference_context
     from anomaly_rl.rollout.transformers_backend import TransformersBackend
 
@@ -89,12 +89,12 @@ def _run_module_step(
     model = copy.deepcopy(base_model)
     start = copy.deepcopy(base_model)
     reference = make_reference(model)
-    settings = GRPOSettings(
+    settings = algo_settings(
         group_size=GROUP, prompts_per_step=PROMPTS, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,
         beta=beta, eps_low=EPS, eps_high=EPS, loss_type=loss_type, scale_rewards="group",
         advantage_eps=ADV_EPS, num_iterations=mu, mini_batches=mini_batches, max_grad_norm=1e12,
         max_steps=1, warmup_steps=0, lr_schedule="constant", log_samples_every=1,
-        optimizer_factory=lambda ps: RecordingSGD(ps, lr=LR),
+        optimizer=lambda ps: RecordingSGD(ps, lr=LR),
     )
     captured: dict[str, Any] = {"losses": []}
 

@@ -1,0 +1,175 @@
+"""The settings of the two training phases, instantiated from `conf/algo/*.yaml` (`_target_`).
+
+The yaml files are the one place where each value is written: the dataclasses here declare the
+fields and their types and have no defaults, so a knob can neither drift between two places nor
+exist without reaching the object it configures (tests/test_settings_reach.py walks every leaf).
+Validation names each setting as the user writes it (`algo.eps_low`), and runs at start, before
+any data or weights are loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from anomaly_rl.grpo.advantages import SCALES
+from anomaly_rl.grpo.distributed import check_divisible
+from anomaly_rl.grpo.loss import LOSS_TYPES
+from anomaly_rl.grpo.schedule import LR_SCHEDULES
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class DynamicSampling:
+    """DAPO's dynamic sampling: groups whose classification reward is flat are sampled again."""
+
+    enabled: bool
+    max_rounds: int
+
+
+@dataclass
+class GRPOSettings:
+    """`conf/algo/grpo.yaml`: one field per key, documented there."""
+
+    name: str
+    group_size: int
+    prompts_per_step: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    beta: float
+    eps_low: float
+    eps_high: float
+    loss_type: str
+    scale_rewards: str
+    advantage_eps: float
+    num_iterations: int
+    mini_batches: int
+    max_grad_norm: float
+    max_steps: int
+    max_minutes: float | None
+    warmup_steps: int
+    lr_schedule: str
+    min_lr_ratio: float
+    logprob_chunk_size: int
+    dynamic_sampling: DynamicSampling
+    train_vision: bool
+    log_samples_every: int
+    checkpoint_every: int
+    optimizer: OptimizerFactory = field(repr=False)
+
+    def problems(self, min_new_tokens: int, prefix: str = "algo") -> list[str]:
+        """Every out-of-range setting, one message each (all of them at once, not one per run)."""
+        checks: list[tuple[bool, str]] = [
+            (self.group_size >= 2, f"group_size must be >= 2 (GRPO compares responses), got {self.group_size}"),
+            (self.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {self.prompts_per_step}"),
+            (self.mini_batches >= 1, f"mini_batches must be >= 1, got {self.mini_batches}"),
+            (
+                self.mini_batches < 1 or self.prompts_per_step % self.mini_batches == 0,
+                f"prompts_per_step={self.prompts_per_step} is not divisible by {prefix}.mini_batches="
+                f"{self.mini_batches}: a group must never span mini-batches",
+            ),
+            (
+                self.max_new_tokens >= min_new_tokens,
+                f"max_new_tokens={self.max_new_tokens} is too few for the schema, whose shortest valid "
+                f"response needs about {min_new_tokens} tokens",
+            ),
+            (
+                self.temperature > 0,
+                f"temperature must be > 0, got {self.temperature}: greedy decoding gives a group G "
+                "identical responses and so no advantage",
+            ),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.eps_low < 1, f"eps_low must be in [0, 1), got {self.eps_low}"),
+            (self.eps_high >= 0, f"eps_high must be >= 0, got {self.eps_high}"),
+            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"),
+            (
+                self.scale_rewards in SCALES,
+                f"scale_rewards must be one of {', '.join(SCALES)}, got {self.scale_rewards!r}",
+            ),
+            (self.advantage_eps >= 0, f"advantage_eps must be >= 0, got {self.advantage_eps}"),
+            (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (
+                self.max_minutes is None or self.max_minutes > 0,
+                f"max_minutes must be null or > 0, got {self.max_minutes}",
+            ),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+            ),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"),
+            (
+                self.dynamic_sampling.max_rounds >= 0,
+                f"dynamic_sampling.max_rounds must be >= 0, got {self.dynamic_sampling.max_rounds}",
+            ),
+            (
+                self.log_samples_every >= 0,
+                f"log_samples_every must be >= 0 (0: never), got {self.log_samples_every}",
+            ),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            *_optimizer_checks(self.optimizer),
+        ]
+        return [f"{prefix}.{message}" for ok, message in checks if not ok]
+
+    def validate(self, min_new_tokens: int, processes: int = 1, prefix: str = "algo") -> None:
+        """Raise ValueError listing every problem; `processes` share the prompts of a step."""
+        problems = self.problems(min_new_tokens, prefix)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if processes > 1:
+            check_divisible(self.prompts_per_step, self.mini_batches, processes, f"{prefix}.prompts_per_step")
+
+
+@dataclass
+class SFTSettings:
+    """`conf/algo/sft.yaml` (the warm start, an SFT run, and the SFT control)."""
+
+    name: str
+    batch_size: int
+    max_steps: int
+    max_minutes: float | None
+    warmup_steps: int
+    lr_schedule: str
+    min_lr_ratio: float
+    max_grad_norm: float
+    box_grid: int
+    checkpoint_every: int
+    optimizer: OptimizerFactory = field(repr=False)
+
+    def problems(self, prefix: str) -> list[str]:
+        checks: list[tuple[bool, str]] = [
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (
+                self.max_minutes is None or self.max_minutes > 0,
+                f"max_minutes must be null or > 0, got {self.max_minutes}",
+            ),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+            ),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            (self.box_grid >= 1, f"box_grid must be >= 1, got {self.box_grid}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            *_optimizer_checks(self.optimizer),
+        ]
+        return [f"{prefix}.{message}" for ok, message in checks if not ok]
+
+
+def _optimizer_checks(optimizer: Any) -> list[tuple[bool, str]]:
+    """The learning rate of a `_partial_` optimiser (a functools.partial), when it names one."""
+    lr = getattr(optimizer, "keywords", {}).get("lr")
+    if lr is None:
+        return []
+    return [(float(lr) > 0, f"optimizer.lr must be > 0, got {lr}")]
