@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 
 from anomaly_rl.grpo.errors import NonFiniteWeightsError
 
@@ -68,3 +69,39 @@ class StepCheckpoint(L.Callback):
         if isinstance(exception, KeyboardInterrupt):
             self.save(trainer)
             log.warning("interrupted: checkpoint saved to %s", self.last)
+
+
+UNBOUNDED_STEPS = 10**9
+"""The step budget of a phase bounded by time alone (the SFT control): no bar should count to it."""
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(max(0.0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class PhaseProgressBar(RichProgressBar):
+    """Rich's bar, plus the elapsed and remaining time of a phase with a time budget (`max_minutes`).
+
+    A phase bounded by time alone shows its step count without a total ("408/--"), instead of a
+    count towards a step limit it will never reach and an ETA of thousands of days.
+    """
+
+    def _timer(self) -> Timer | None:
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration is not None]
+        return timers[0] if timers else None
+
+    @property
+    def total_train_batches(self) -> int | float:
+        if self._timer() is not None and (self.trainer.max_steps or 0) >= UNBOUNDED_STEPS:
+            return float("inf")
+        return super().total_train_batches
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        timer = self._timer()
+        if timer is not None:
+            metrics["elapsed"] = _clock(timer.time_elapsed("train"))
+            metrics["left"] = _clock(timer.time_remaining("train") or 0.0)
+        return metrics

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anomaly_rl.callbacks import StepCheckpoint
+from anomaly_rl.callbacks import UNBOUNDED_STEPS, StepCheckpoint
 from anomaly_rl.checkpoints import weights_folder
 from anomaly_rl.evaluation.report import comparison_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
@@ -408,7 +408,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
                     {"warmup_steps": 0, "lr_schedule": "constant", "optimizer": {"lr": float(cfg.control.lr)}},
                 )
             )
-            run_sft("control", control, max_minutes=grpo_seconds / 60.0, max_steps=10**9)
+            run_sft("control", control, max_minutes=grpo_seconds / 60.0, max_steps=UNBOUNDED_STEPS)
             evaluate_row("sft_control")
 
     rows = dict(state.data["rows"])
