@@ -186,7 +186,7 @@ def test_own_state_picks_this_rank_or_none() -> None:
 # ----------------------------------------------------------------------------- metrics
 def _record(total: list[float], lengths: list[int], stats: list[dict[str, float]], rollout_s: float) -> Any:
     # Imported here, not at the top: the two-process workers import this file, and lightly.
-    from anomaly_rl.grpo.module import StepRecord
+    from anomaly_rl.grpo.metrics import StepRecord
 
     total_a = np.asarray(total)
     return StepRecord(
@@ -204,7 +204,7 @@ def _record(total: list[float], lengths: list[int], stats: list[dict[str, float]
 
 
 def test_step_metrics_over_two_processes_are_those_of_their_rows() -> None:
-    from anomaly_rl.grpo.module import step_metrics
+    from anomaly_rl.grpo.metrics import step_metrics
 
     a = _record([1.0, 1.0, 0.0, 0.2], [4, 2, 1, 3], [{"kl": 0.1, "loss": 1.0}], rollout_s=2.0)
     b = _record([0.5, 0.5, 1.0, 0.0], [1, 1, 4, 2], [{"kl": 0.3, "loss": float("nan")}], rollout_s=3.0)
