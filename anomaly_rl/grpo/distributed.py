@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -263,3 +264,30 @@ def own_state(saved: dict[str, Any], process: int, processes: int) -> dict[str, 
     if not per_rank or len(per_rank) != processes:
         return None
     return per_rank[process]
+
+
+def process_states(state: dict[str, Any]) -> dict[str, Any]:
+    """A phase's checkpoint entry: this process's random state, plus every process's under data
+    parallelism (only rank 0 writes the checkpoint, so it must carry the others' streams)."""
+    if is_distributed():
+        return {**state, "per_rank": gather_objects(dict(state))}
+    return state
+
+
+def own_process_state(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The state this process saved, to continue its random streams exactly.
+
+    One policy for every phase when the number of processes changed between save and resume:
+    rank 0 continues rank 0's streams, every other process keeps the fresh streams it seeded
+    itself (None); the prompts are shared out anew anyway.
+    """
+    processes, me = world_size(), rank()
+    if processes == 1:
+        return saved
+    state = own_state(saved, me, processes)
+    if state is None:
+        logging.getLogger("anomaly_rl").warning(
+            "resuming on %d processes from a checkpoint written by another number of them", processes
+        )
+        return saved if me == 0 else None
+    return state

@@ -30,7 +30,8 @@ from anomaly_rl.grpo.distributed import (
     is_distributed,
     is_rank_zero,
     loss_weight,
-    own_state,
+    own_process_state,
+    process_states,
     rank,
     rank_seed,
     world_size,
@@ -175,29 +176,23 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Bit-identical resume needs every random stream, not only the weights and optimiser.
-        state = {
-            "rollout_step": self.rollout_step,
-            "sampling_generator": self.sampling_generator.get_state(),
-            "rng": capture_rng(),
-        }
-        if is_distributed():  # every process's streams: only rank 0's checkpoint is written
-            state["per_rank"] = gather_objects(dict(state))
-        checkpoint["anomaly_rl"] = state
+        checkpoint["anomaly_rl"] = process_states(
+            {
+                "rollout_step": self.rollout_step,
+                "sampling_generator": self.sampling_generator.get_state(),
+                "rng": capture_rng(),
+            }
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint["anomaly_rl"]
-        processes, me = world_size(), rank()
-        state = saved if processes == 1 else own_state(saved, me, processes)
-        if state is None:
-            # Written by another number of processes: rank 0 continues rank 0's streams; the others
-            # start their own afresh (the prompts are re-shared among the processes anyway).
-            log.warning("resuming on %d processes from a checkpoint of another number of them", processes)
-            state = saved if me == 0 else {"sampling_generator": None, "rng": saved["rng"]}
         self.rollout_step = int(saved["rollout_step"])
-        self._pending_generator_state = state["sampling_generator"]
-        self._sampling_generator = None
-        restore_rng(state["rng"])
         self.batches.start_index = self.rollout_step
+        self._sampling_generator = None
+        state = own_process_state(saved)
+        if state is not None:
+            self._pending_generator_state = state["sampling_generator"]
+            restore_rng(state["rng"])
 
     @property
     def sampling_generator(self) -> torch.Generator:

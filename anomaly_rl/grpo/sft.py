@@ -20,10 +20,9 @@ import torch
 from anomaly_rl.grpo.batches import ResumableBatches
 from anomaly_rl.grpo.distributed import (
     check_divisible,
-    gather_objects,
-    is_distributed,
     loss_weight,
-    own_state,
+    own_process_state,
+    process_states,
     rank,
     rank_seed,
     weighted_mean_over_ranks,
@@ -90,25 +89,18 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = {
-            "step_index": self.step_index,
-            "render_rng": self.render_rng.getstate(),
-            "rng": capture_rng(),
-        }
-        if is_distributed():  # every process's streams: only rank 0's checkpoint is written
-            state["per_rank"] = gather_objects(dict(state))
-        checkpoint["anomaly_rl"] = state
+        checkpoint["anomaly_rl"] = process_states(
+            {"step_index": self.step_index, "render_rng": self.render_rng.getstate(), "rng": capture_rng()}
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint["anomaly_rl"]
-        processes, me = world_size(), rank()
-        state = saved if processes == 1 else own_state(saved, me, processes)
         self.step_index = int(saved["step_index"])
-        if state is not None or me == 0:  # else: another process count; keep the fresh stream of setup()
-            state = state or saved
+        self.batches.start_index = self.step_index
+        state = own_process_state(saved)
+        if state is not None:
             self.render_rng.setstate(as_tuples(state["render_rng"]))
             restore_rng(state["rng"])
-        self.batches.start_index = self.step_index
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         t0 = time.perf_counter()
