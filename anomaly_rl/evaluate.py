@@ -2,7 +2,13 @@
 
 Writes predictions.jsonl, metrics.json and metrics.md into its run folder. Without `ckpt` the
 model is evaluated as configured (the zero-shot row of a results table). With `data=mmad` it
-answers every selected MMAD question and scores them the way MMAD does.
+answers every selected MMAD question and scores them in both conventions (ours and MMAD's).
+
+Leakage (`anomaly_rl.data.leakage`, settings `data.leakage.*`): the data module checks its
+evaluation images against its own training split at setup (`leakage.json`), and with `ckpt` the
+images evaluated are also compared with the training images that run recorded
+(`leakage_ckpt.json`; for MMAD, `leakage.json`). An overlap stops the evaluation, naming both
+files, unless `data.leakage.allow=true`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import lightning as L
 from omegaconf import DictConfig, open_dict
 
 from anomaly_rl.checkpoints import load_trained_policy, run_model_config
+from anomaly_rl.data.leakage import LEAKAGE_CKPT_REPORT, LeakageSettings, check_against_run
 from anomaly_rl.evaluation.report import metrics_markdown
-from anomaly_rl.evaluation.runner import evaluate_to_folder
+from anomaly_rl.evaluation.runner import evaluate_to_folder, split_samples
 from anomaly_rl.utils.task import save_resolved_config, task_wrapper
 
 log = logging.getLogger("anomaly_rl")
@@ -32,14 +39,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg.model = run_model_config(cfg.ckpt, cfg.model)
     save_resolved_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
-    model, processor = load_trained_policy(cfg.model, cfg.get("ckpt"))
-    schema = hydra.utils.instantiate(cfg.schema)
+    # The data is read and checked for leakage before the model is loaded (minutes for a real one).
     if str(cfg.data.get("reader", "")) == "mmad" or "read_mmad" in str(cfg.data.get("_target_", "")):
-        from anomaly_rl.evaluation.mmad_runner import evaluate_mmad
+        from anomaly_rl.evaluation.mmad_runner import evaluate_mmad, prepare_mmad
 
-        return evaluate_mmad(model, processor, schema, cfg, out_dir)
+        data = prepare_mmad(cfg, out_dir)
+        model, processor = load_trained_policy(cfg.model, cfg.get("ckpt"))
+        return evaluate_mmad(model, processor, hydra.utils.instantiate(cfg.schema), cfg, out_dir, data=data)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("test")
+    if hasattr(datamodule, "write_image_records"):
+        datamodule.write_image_records(out_dir, training_images=False)
+    limit = cfg.eval.get("limit")
+    evaluated = split_samples(datamodule, str(cfg.eval.split))[: int(limit) if limit else None]
+    check_against_run(
+        [s.image_path for s in evaluated], cfg.get("ckpt"), LeakageSettings.from_any(cfg.data.get("leakage")),
+        f"the {cfg.eval.split} split", out_dir, LEAKAGE_CKPT_REPORT,
+    )
+    model, processor = load_trained_policy(cfg.model, cfg.get("ckpt"))
+    schema = hydra.utils.instantiate(cfg.schema)
     metrics = evaluate_to_folder(
         model, processor, schema, datamodule, out_dir,
         split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),

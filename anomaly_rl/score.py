@@ -1,5 +1,8 @@
 """`python -m anomaly_rl.score schema=adfm reward=adfm input=cases.jsonl output=scores.jsonl`.
 
+(`python -m anomaly_rl.score mmad answers=FILE` scores an MMAD answers file instead: the first
+argument `mmad` hands the command to `anomaly_rl.score_mmad`, config `conf/score_mmad.yaml`.)
+
 Scores ready-made responses without any model: one JSON object per input line,
 `{"response": str, "label": "anomalous"|"normal", "boxes": [[x1, y1, x2, y2], ...], "image_size": [w, h]}`
 (optional "category", "defect_type"), with the boxes in the same pixel frame as the response
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,5 +192,20 @@ def main(cfg: DictConfig) -> None:
     score(cfg)
 
 
+MMAD_MODE = "mmad"
+"""`python -m anomaly_rl.score mmad ...`: the first argument selects the MMAD answers scorer."""
+
+
+def run(argv: list[str]) -> None:
+    """Dispatch on the first argument (Hydra's own parser reads `sys.argv`, so `mmad` is taken out)."""
+    if argv[1:2] == [MMAD_MODE]:
+        from anomaly_rl.score_mmad import main as score_mmad_main
+
+        del argv[1]
+        score_mmad_main()
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    run(sys.argv)

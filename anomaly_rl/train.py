@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from anomaly_rl.callbacks import UNBOUNDED_STEPS, StepCheckpoint
 from anomaly_rl.checkpoints import weights_folder
-from anomaly_rl.evaluation.report import comparison_markdown
+from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
+from anomaly_rl.evaluation.report import comparison_markdown, log_wandb_summary
 from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
 from anomaly_rl.grpo.batches import ResumableBatches
@@ -314,21 +315,27 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
+    if is_rank_zero() and hasattr(datamodule, "write_image_records"):  # for `evaluate ckpt=<run>` leakage checks
+        datamodule.write_image_records(run_dir)
     model, processor = load_model_and_processor(cfg.model)
     reward = hydra.utils.instantiate(cfg.reward)
     log.info("run folder: %s", run_dir)
 
+    placement = placement_trainer(cfg.trainer)
+
     def evaluate_row(name: str) -> None:
-        if not cfg.eval.enabled:
+        # Every process evaluates its shard on its accelerator (one process before the first fit
+        # has started the others), and rank 0 writes the row.
+        if not cfg.eval.enabled or name in state.data["rows"]:
             return
-        if is_rank_zero() and name not in state.data["rows"]:
+        with on_accelerator(model, placement):
             metrics = evaluate_to_folder(
                 model, processor, schema, datamodule, run_dir / f"eval_{name}",
                 split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
                 max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
             )
-            state.add_row(name, metrics["overall"])
-        barrier()  # the other processes (if any) wait for rank 0's evaluation
+        state.add_row(name, metrics["overall"])
+        barrier()
 
     def run_sft(phase: str, sft: SFTSettings, max_minutes: float | None = None, max_steps: int | None = None) -> None:
         if state.done(phase):
@@ -417,6 +424,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     results = {"run_dir": str(run_dir), "rows": rows, "seconds": state.data["seconds"]}
     if is_rank_zero():  # the other processes have no evaluation rows: rank 0 reports the run
         write_json(run_dir / "results.json", results)
+        log_wandb_summary(run_dir)  # every row, also those evaluated before the W&B run existed
         if any(name != "median_box" for name in rows):
             table = comparison_markdown(rows)
             (run_dir / "results.md").write_text(table + "\n", encoding="utf-8")

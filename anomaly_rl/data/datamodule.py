@@ -20,6 +20,15 @@ from torch.utils.data import DataLoader, Dataset
 from anomaly_rl.data.boxes import BoxConfig
 from anomaly_rl.data.errors import ON_ERROR_CHOICES, DataError
 from anomaly_rl.data.files import load_rgb
+from anomaly_rl.data.leakage import (
+    TRAINING_IMAGES,
+    Fingerprints,
+    LeakageReport,
+    LeakageSettings,
+    check_leakage,
+    fingerprint_images,
+    write_report,
+)
 from anomaly_rl.data.readers import READERS, read_dataset
 from anomaly_rl.data.records import Sample
 from anomaly_rl.data.splits import make_splits
@@ -81,6 +90,10 @@ class AnomalyDataModule(L.LightningDataModule):
 
     After `setup()`: `train_samples`, `val_samples`, `test_samples` (lists of `Sample`) and
     `skipped` (the per-sample errors passed over under on_error="skip").
+
+    `setup()` also checks that no evaluation image (val, test) has the content of a training image
+    (a query or reference image of the train split): `anomaly_rl.data.leakage`, settings
+    `data.leakage.*`. An overlap stops the run naming both files, unless `data.leakage.allow=true`.
     """
 
     def __init__(
@@ -101,6 +114,7 @@ class AnomalyDataModule(L.LightningDataModule):
         on_error: str = "raise",
         synthetic: Mapping[str, Any] | None = None,
         reader_options: Mapping[str, Any] | None = None,
+        leakage: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if reader not in READERS:
@@ -127,6 +141,9 @@ class AnomalyDataModule(L.LightningDataModule):
         # Validated now, so a bad generator setting fails at instantiation, not mid-training.
         self.synthetic = SyntheticConfig.from_mapping(_plain(synthetic)) if reader == "synthetic" else None
         self.reader_options = dict(_plain(reader_options) or {})
+        self.leakage = LeakageSettings.from_any(_plain(leakage))
+        self.training_fingerprints: Fingerprints | None = None
+        self.leakage_report: LeakageReport | None = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
@@ -155,7 +172,36 @@ class AnomalyDataModule(L.LightningDataModule):
             log.warning("data: no training samples (reader %s at %s)", self.reader, self.root)
         log.info("data %s: %d train, %d val, %d test samples, %d skipped", self.reader, len(self.train_samples),
                  len(self.val_samples), len(self.test_samples), len(self.skipped))
+        self._check_leakage()
         self._ready = True
+
+    def training_image_paths(self) -> list[str]:
+        """Every image a training prompt shows: the train split's query and reference images."""
+        return list(dict.fromkeys(p for s in self.train_samples for p in (s.image_path, *s.reference_paths)))
+
+    def _check_leakage(self) -> None:
+        if not self.leakage.check:
+            return
+        evaluation = [s.image_path for s in (*self.val_samples, *self.test_samples)]
+        self.training_fingerprints = fingerprint_images(
+            self.training_image_paths(), self.leakage.cache_dir, description="fingerprinting training images"
+        )
+        if not evaluation or not len(self.training_fingerprints):
+            return
+        held_out = fingerprint_images(evaluation, self.leakage.cache_dir, description="fingerprinting evaluation images")
+        self.leakage_report = check_leakage(
+            held_out, self.training_fingerprints, self.leakage, f"{self.reader} at {self.root}: val and test "
+            "against the train split"
+        )
+
+    def write_image_records(self, run_dir: str | Path, training_images: bool = True) -> None:
+        """Into a run folder: the leakage check's report (`leakage.json`) and, with `training_images`,
+        the training images' fingerprints (`training_images.npz`), which `evaluate ckpt=<run>` (MMAD
+        included) compares its images against. Call after `setup()`; a no-op when the check is off."""
+        if self.leakage_report is not None:
+            write_report(self.leakage_report, run_dir)
+        if training_images and self.training_fingerprints is not None:
+            self.training_fingerprints.save(Path(run_dir) / TRAINING_IMAGES)
 
     def _loader(self, samples: list[Sample], batch_size: int, train: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if train else None

@@ -19,6 +19,11 @@ Conventions, chosen once here:
 - box_mIoU: over anomalous images that have at least one true box; for each true box take its
   best IoU with any predicted box (0 when there are none), average over the image's true boxes,
   then over images. Predicted boxes are scored as given, whatever the answer letter was.
+- box_LocAcc@0.1 / @0.3 / @0.5: localisation accuracy as papers in the field report it: the
+  share of the images box_mIoU scores (anomalous, with at least one true box) whose best-matching
+  predicted box — the (predicted, true) pair with the highest IoU — has IoU >= t; an image without
+  a predicted box is a miss. Unlike box_IoU50_rate (the image's IoU averaged over its true boxes
+  first), hitting one of several defects counts as a hit.
 - box_AP / box_AP50: class-agnostic COCO bbox AP (pycocotools COCOeval, maxDets 100, all areas)
   with every true box as ground truth and every predicted box as a detection scored by the
   image's p_anomalous, so a box on an image the model thinks is normal ranks low. NaN when there
@@ -58,6 +63,13 @@ REQUIRED_KEYS: tuple[str, ...] = (
     "follows_schema",
 )
 ANSWER_TO_LABEL: dict[str, str] = {"a": ANOMALOUS, "b": NORMAL}
+LOC_ACC_THRESHOLDS: tuple[float, ...] = (0.1, 0.3, 0.5)
+"""IoU thresholds of box_LocAcc@t, the localisation accuracy papers in the field report."""
+
+
+def loc_acc_key(threshold: float) -> str:
+    """The metric name of the localisation accuracy at an IoU threshold: box_LocAcc@0.3."""
+    return f"box_LocAcc@{threshold:g}"
 
 
 class PredictionError(ValueError):
@@ -150,6 +162,11 @@ def best_match_iou(true_boxes: Sequence[Box], pred_boxes: Sequence[Box]) -> floa
     if not true_boxes:
         raise ValueError("best_match_iou needs at least one true box")
     return sum(max((box_iou(t, p) for p in pred_boxes), default=0.0) for t in true_boxes) / len(true_boxes)
+
+
+def best_box_iou(true_boxes: Sequence[Box], pred_boxes: Sequence[Box]) -> float:
+    """The highest IoU of any predicted box with any true box; 0 without a predicted box."""
+    return max((box_iou(t, p) for t in true_boxes for p in pred_boxes), default=0.0)
 
 
 def _coco_ap(preds: Sequence[dict[str, Any]]) -> tuple[float, float]:
@@ -250,6 +267,7 @@ def _group_metrics(preds: Sequence[dict[str, Any]], scope: str, notes: list[str]
     anomalous = [p for p in preds if p["label"] == ANOMALOUS]
     scored = [p for p in anomalous if p["boxes"]]
     ious = [best_match_iou(p["boxes"], p["pred_boxes"]) for p in scored]
+    best = [best_box_iou(p["boxes"], p["pred_boxes"]) for p in scored]
     if len(scored) < len(anomalous):
         notes.append(
             f"{scope}: {len(anomalous) - len(scored)} anomalous image(s) without true boxes left out of box_mIoU"
@@ -273,6 +291,7 @@ def _group_metrics(preds: Sequence[dict[str, Any]], scope: str, notes: list[str]
         "schema_valid_rate": _mean(float(p["follows_schema"]) for p in preds),
         "box_mIoU": _mean(ious),
         "box_IoU50_rate": _mean(float(v >= 0.5) for v in ious),
+        **{loc_acc_key(t): _mean(float(v >= t) for v in best) for t in LOC_ACC_THRESHOLDS},
         "box_n_scored": float(len(scored)),
         "box_AP": ap,
         "box_AP50": ap50,

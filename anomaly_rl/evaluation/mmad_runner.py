@@ -4,8 +4,14 @@
 that is the task the policy is trained on: its a/b decision is turned into the question's letter
 with `detection_choice`. Every other question is asked as plain multiple choice (query image first,
 then the references, then the lettered options) and the letter is read from the greedy answer with
-`parse_choice`. An answer naming no option is recorded as None and scored wrong by `score_mmad`,
-never dropped, so that refusing to answer cannot raise a score.
+`parse_choice`. An answer naming no option is recorded as None: scored wrong in our convention
+(the default), never dropped, so that refusing to answer cannot raise a score; the table in MMAD's
+own convention (which drops it) is written beside it (`anomaly_rl.evaluation.mmad.score_and_write`,
+the function `python -m anomaly_rl.score mmad answers=FILE` uses too).
+
+Before any question is asked, the selected query images are compared by content with the training
+images of the run evaluated (`ckpt`; `anomaly_rl.data.leakage`, settings `data.leakage.*`): MMAD is
+built from MVTec AD and VisA, so a model trained on those may have seen its images.
 """
 
 from __future__ import annotations
@@ -17,22 +23,22 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
 from anomaly_rl.data.files import load_rgb
+from anomaly_rl.data.leakage import LeakageSettings, check_against_run
 from anomaly_rl.data.mmad import ANOMALY_DETECTION, MmadData, MmadError, MmadQuestion
 from anomaly_rl.data.records import Sample
 from anomaly_rl.evaluation.mmad import (
-    ScoreTable,
+    MMAD,
+    OURS,
     answers_records,
     detection_choice,
     format_multiple_choice,
     parse_choice,
-    render_markdown,
-    score_mmad,
+    score_and_write,
     write_answers,
-    write_scores,
 )
 from anomaly_rl.evaluation.runner import predict
 from anomaly_rl.models.processing import encode_prompts, never_sampled_token_ids, stop_token_ids, unwrap_model
@@ -131,21 +137,6 @@ def answer_detections(
     return answers
 
 
-def score_summary(table: ScoreTable, answers_path: Path, scores: Sequence[Path]) -> dict[str, Any]:
-    """The numbers a sweep or a results table needs, with where the files are."""
-    return {
-        "overall": table.overall,
-        "dataset_average": dict(table.dataset_average),
-        "type_average": dict(table.type_average),
-        "cells": {d: dict(row) for d, row in table.cells.items()},
-        "total": table.total,
-        "unparseable": table.unparseable,
-        "notes": list(table.notes),
-        "answers": str(answers_path),
-        "scores": [str(p) for p in scores],
-    }
-
-
 def answer_mmad(
     model: torch.nn.Module,
     processor: Any,
@@ -182,27 +173,65 @@ def answer_mmad(
     return items, [answered[i][0] for i in range(len(items))], [answered[i][1] for i in range(len(items))]
 
 
-def evaluate_mmad(
-    model: torch.nn.Module, processor: Any, schema: Schema, cfg: DictConfig | Mapping[str, Any], out_dir: str | Path
-) -> dict[str, Any]:
-    """Answer the MMAD questions `cfg.data` selects; write answers.json and the score table; return the summary."""
-    out = Path(out_dir)
-    data = hydra.utils.instantiate(cfg["data"])
+LEAKAGE_KEY = "leakage"
+"""The data config's leakage settings: read here, not passed to read_mmad."""
+
+
+def split_data_config(data_cfg: DictConfig | Mapping[str, Any]) -> tuple[dict[str, Any], LeakageSettings]:
+    """(read_mmad's config, the leakage settings) from `cfg.data` of `data=mmad`."""
+    plain = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else dict(data_cfg)
+    settings = LeakageSettings.from_any(plain.pop(LEAKAGE_KEY, None))  # type: ignore[union-attr]
+    return plain, settings  # type: ignore[return-value]
+
+
+def prepare_mmad(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path) -> MmadData:
+    """Read the MMAD questions `cfg.data` selects and check their query images for leakage.
+
+    They are compared with the training images of `cfg.ckpt` (or of `data.leakage.training_images`):
+    an overlap raises LeakageError naming both files unless `data.leakage.allow=true`; the
+    comparison is written to `<out_dir>/leakage.json`.
+    """
+    reader_cfg, leakage = split_data_config(cfg["data"])
+    data = hydra.utils.instantiate(reader_cfg)
     if not isinstance(data, MmadData):
-        raise MmadError(f"data config {cfg['data'].get('_target_')!r} did not produce MmadData")
+        raise MmadError(f"data config {reader_cfg.get('_target_')!r} did not produce MmadData")
+    limit = cfg["eval"].get("limit")
+    selected = data.items[: int(limit)] if limit else data.items
+    check_against_run(
+        list(dict.fromkeys(q.image_path for q in selected)), cfg.get("ckpt"), leakage, "MMAD query images", out_dir
+    )
+    return data
+
+
+def evaluate_mmad(
+    model: torch.nn.Module,
+    processor: Any,
+    schema: Schema,
+    cfg: DictConfig | Mapping[str, Any],
+    out_dir: str | Path,
+    data: MmadData | None = None,
+) -> dict[str, Any]:
+    """Answer the MMAD questions `cfg.data` selects; write answers.json and the score tables; return the summary.
+
+    `data` is `prepare_mmad`'s (read and checked for leakage); None reads and checks it here.
+    """
+    out = Path(out_dir)
+    if data is None:
+        data = prepare_mmad(cfg, out)
     evaluation = cfg["eval"]
+    limit = evaluation.get("limit")
     items, choices, responses = answer_mmad(
         model, processor, schema, data,
         batch_size=int(evaluation["batch_size"]), max_new_tokens=int(evaluation["max_new_tokens"]),
-        limit=evaluation.get("limit"),
+        limit=limit,
     )
     records = answers_records(items, choices, responses)
     answers_path = write_answers(records, out / ANSWERS_JSON)
-    table = score_mmad(records)
-    scores = write_scores(table, out)
-    print(render_markdown(table))
+    scores = score_and_write(records, out)
+    print(scores.markdown)
+    ours = scores.tables[OURS]
     log.info(
-        "MMAD: %d questions, %d unparseable, average %.2f; written to %s",
-        table.total, table.unparseable, table.overall, out,
+        "MMAD: %d questions, %d unparseable, average %.2f (MMAD's convention: %.2f); written to %s",
+        ours.total, ours.unparseable, ours.overall, scores.tables[MMAD].overall, out,
     )
-    return score_summary(table, answers_path, scores)
+    return {**scores.summary(), "answers": str(answers_path)}

@@ -26,6 +26,9 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("box_mIoU", "mIoU"),
     ("box_AP", "AP"),
     ("box_AP50", "AP50"),
+    ("box_LocAcc@0.1", "LocAcc@0.1"),
+    ("box_LocAcc@0.3", "LocAcc@0.3"),
+    ("box_LocAcc@0.5", "LocAcc@0.5"),
     ("box_area_pred_median", "Area pred (med)"),
     ("box_area_true_median", "Area true (med)"),
 )
@@ -150,3 +153,39 @@ def write_evaluation(
     )
     paths["markdown"].write_text(metrics_markdown(metrics), encoding="utf-8")
     return paths
+
+
+SUMMARY_PREFIX = "eval"
+
+
+def evaluation_summary(row: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """W&B summary entries of one evaluation: `eval/<row>/<metric>` for the overall values and
+    `eval/<row>/<category>/<metric>` per category; undefined (NaN / null) values are left out."""
+    out: dict[str, float] = {}
+    groups = [("", metrics.get("overall", {}))]
+    groups += [(f"{category}/", values) for category, values in metrics.get("per_category", {}).items()]
+    for prefix, values in groups:
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                out[f"{SUMMARY_PREFIX}/{row}/{prefix}{key}"] = float(value)
+    return out
+
+
+def log_wandb_summary(run_dir: str | Path) -> dict[str, float]:
+    """Every `eval_<row>/metrics.json` of a run folder into the active W&B run's summary.
+
+    Called once at the end of training, so the rows evaluated before the W&B run existed (the
+    start row of a run that loads its warm start) are there too. Returns the entries; a no-op
+    for W&B without an active run (logger=csv, none).
+    """
+    summary: dict[str, float] = {}
+    for path in sorted(Path(run_dir).glob("eval_*/metrics.json")):
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        summary.update(evaluation_summary(path.parent.name.removeprefix("eval_"), metrics))
+    try:
+        import wandb
+    except ImportError:  # wandb is a dependency, but a summary must never be the thing that fails
+        return summary
+    if wandb.run is not None and summary:
+        wandb.run.summary.update(summary)
+    return summary

@@ -9,6 +9,7 @@ probability; it gets the text's decision (1, 0, or 0.5 without one) and is count
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,16 @@ from rich.progress import track
 from anomaly_rl.data.datamodule import PromptBatch, SampleDataset, collate_prompts
 from anomaly_rl.data.records import Sample
 from anomaly_rl.evaluation.metrics import best_match_iou, compute_metrics
+from anomaly_rl.evaluation.placement import shard, unshard
 from anomaly_rl.evaluation.report import write_evaluation
+from anomaly_rl.grpo.distributed import (
+    broadcast_from_zero,
+    gather_objects,
+    is_distributed,
+    is_rank_zero,
+    rank,
+    world_size,
+)
 from anomaly_rl.grpo.prompts import parse_in_original_frame, prepare_prompts
 from anomaly_rl.models.processing import never_sampled_token_ids, stop_token_ids, unwrap_model
 from anomaly_rl.rollout.logprobs import answer_probabilities
@@ -28,6 +38,7 @@ from anomaly_rl.rollout.transformers_backend import sample as sample_responses
 from anomaly_rl.schemas.base import Schema
 
 ANSWER_OPEN = "<answer>"
+log = logging.getLogger("anomaly_rl")
 
 
 def load_batch(samples: Sequence[Sample]) -> PromptBatch:
@@ -150,20 +161,34 @@ def evaluate_to_folder(
     max_new_tokens: int = 64,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Predict a split, compute the metrics and write predictions.jsonl, metrics.json, metrics.md."""
+    """Predict a split, compute the metrics and write predictions.jsonl, metrics.json, metrics.md.
+
+    Under data parallelism every process predicts its own shard of the split and the predictions
+    are gathered in the split's order: rank 0 computes the metrics (the same as one process's) and
+    writes the files, and every process returns them. Call it on every process, or on one when
+    no process group exists.
+    """
     samples = split_samples(datamodule, split)
     if limit:
         samples = samples[: int(limit)]
     if not samples:
         raise ValueError(f"eval.split={split!r} holds no samples")
+    mine = samples
+    if is_distributed():
+        mine = shard(samples, rank(), world_size())
+        log.info("evaluation: process %d of %d predicts %d of %d samples", rank(), world_size(), len(mine), len(samples))
     predictions = predict(
-        model, processor, schema, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        description=f"evaluating {Path(out_dir).name}",
+        model, processor, schema, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        description=f"evaluating {Path(out_dir).name}", progress=is_rank_zero(),
     )
-    metrics = compute_metrics(predictions)
-    metrics["overall"]["p_from_text_rate"] = sum(p["p_source"] == "text" for p in predictions) / len(predictions)
-    write_evaluation(out_dir, predictions, metrics)
-    return metrics
+    if is_distributed():
+        predictions = unshard(gather_objects(predictions))
+    metrics = None
+    if is_rank_zero():
+        metrics = compute_metrics(predictions)
+        metrics["overall"]["p_from_text_rate"] = sum(p["p_source"] == "text" for p in predictions) / len(predictions)
+        write_evaluation(out_dir, predictions, metrics)
+    return broadcast_from_zero(metrics)
 
 
 def median_box_baseline(train_samples: Sequence[Sample], test_samples: Sequence[Sample]) -> float:

@@ -151,6 +151,27 @@ def test_evaluate_cli_uses_the_runs_final_weights(trained: dict[str, Path]) -> N
         assert ours["p_anomalous"] == pytest.approx(theirs["p_anomalous"], abs=1e-5)
 
 
+def test_evaluate_ckpt_compares_its_images_with_the_runs_training_images(trained: dict[str, Path]) -> None:
+    """The run recorded its training images; evaluating with ckpt compares the split against them."""
+    from anomaly_rl.data.leakage import LEAKAGE_CKPT_REPORT, LEAKAGE_REPORT, TRAINING_IMAGES, LeakageError
+    from anomaly_rl.evaluate import evaluate
+
+    assert (trained["run"] / TRAINING_IMAGES).is_file()
+    clean = json.loads((trained["eval"] / LEAKAGE_CKPT_REPORT).read_text(encoding="utf-8"))
+    assert clean["overlaps"] == [] and clean["evaluation_images"] == 6 and clean["training_images"] > 0
+    assert json.loads((trained["eval"] / LEAKAGE_REPORT).read_text(encoding="utf-8"))["overlaps"] == []
+    # Evaluating the run on its own training images: every one is a training image of that run.
+    out = trained["root"] / "eval_on_train"
+    cfg = compose_config("eval", trained["root"], out, [*DATA, f"ckpt={trained['run']}", "eval.split=train",
+                                                          "eval.limit=3"])
+    with pytest.raises(LeakageError, match=r"3 evaluation/training image pair\(s\)") as error:
+        evaluate(cfg)
+    assert "data.leakage.allow=true" in str(error.value)
+    report = json.loads((out / LEAKAGE_CKPT_REPORT).read_text(encoding="utf-8"))
+    assert all(o["identical"] and o["evaluation"] == o["training"] for o in report["overlaps"])
+    assert not (out / "predictions.jsonl").exists(), "nothing is evaluated once leakage is found"
+
+
 def test_zero_shot_evaluation_answers_with_the_untrained_model(trained: dict[str, Path]) -> None:
     """Without ckpt the configured (untrained) model is evaluated: the results table's zero-shot row."""
     from anomaly_rl.evaluate import evaluate

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomaly_rl.evaluation.metrics import (
+    LOC_ACC_THRESHOLDS,
     PredictionError,
     best_match_iou,
     box_iou,
@@ -105,6 +106,17 @@ def reference_miou(preds: list[dict[str, Any]]) -> float:
     return sum(per_image) / len(per_image) if per_image else math.nan
 
 
+def reference_loc_acc(preds: list[dict[str, Any]], threshold: float) -> float:
+    """Share of anomalous images with true boxes on which some (predicted, true) pair of boxes has a
+    pixel-counted IoU >= threshold: a second implementation of box_LocAcc@t."""
+    hits = [
+        any(pixel_iou(t, q) >= threshold for t in p["boxes"] for q in p["pred_boxes"])
+        for p in preds
+        if p["label"] == "anomalous" and p["boxes"]
+    ]
+    return sum(hits) / len(hits) if hits else math.nan
+
+
 def random_int_box(rng: random.Random, size: int = 40) -> list[int]:
     x1, y1 = rng.randrange(0, size - 2), rng.randrange(0, size - 2)
     return [x1, y1, rng.randrange(x1 + 1, size), rng.randrange(y1 + 1, size)]
@@ -152,6 +164,8 @@ def test_image_and_iou_metrics_match_references(seed: int) -> None:
         for key, value in want.items():
             assert same(got[key], value), (scope, key, got[key], value)
         assert same(got["box_mIoU"], reference_miou(subset)), scope
+        for t in LOC_ACC_THRESHOLDS:
+            assert same(got[f"box_LocAcc@{t}"], reference_loc_acc(subset, t)), (scope, t)
         assert got["n_images"] == len(subset)
         assert got["n_anomalous"] == sum(p["label"] == "anomalous" for p in subset)
         assert got["answer_missing_rate"] == pytest.approx(
@@ -220,6 +234,33 @@ def test_miou_per_image_then_over_images() -> None:
     assert m["box_area_pred_median"] == pytest.approx(33.0)
     assert m["box_area_true_median"] == pytest.approx(58.0)
     assert m["box_area_true_mean"] == pytest.approx(55.0)
+
+
+def test_localisation_accuracy_hand_worked() -> None:
+    preds = [
+        # bottle: IoU 0.5 (50/100), 0.2 (20/100), 0.4 on the second of two defects (40/100), no box
+        pred("anomalous", "a", 0.9, [[0, 0, 10, 10]], [[0, 0, 10, 5]], name="b1"),
+        pred("anomalous", "a", 0.9, [[0, 0, 10, 10]], [[0, 0, 10, 2]], name="b2"),
+        pred("anomalous", "a", 0.9, [[0, 0, 10, 10], [20, 20, 30, 30]], [[20, 20, 30, 24]], name="b3"),
+        pred("anomalous", "b", 0.1, [[0, 0, 10, 10]], [], name="b4"),
+        pred("normal", "a", 0.9, [], [[0, 0, 10, 10]], name="b5"),  # not a defective image: not counted
+        pred("anomalous", "a", 0.9, [], [[0, 0, 10, 10]], name="b6"),  # no true box: not counted
+        # cable: exact (IoU 1), elsewhere (IoU 0)
+        pred("anomalous", "a", 0.9, [[0, 0, 4, 4]], [[0, 0, 4, 4]], category="cable", name="c1"),
+        pred("anomalous", "a", 0.9, [[0, 0, 10, 10]], [[50, 50, 60, 60]], category="cable", name="c2"),
+    ]
+    metrics = compute_metrics(preds)
+    bottle, cable, overall = metrics["per_category"]["bottle"], metrics["per_category"]["cable"], metrics["overall"]
+    assert [bottle[f"box_LocAcc@{t}"] for t in (0.1, 0.3, 0.5)] == [3 / 4, 2 / 4, 1 / 4]
+    assert [cable[f"box_LocAcc@{t}"] for t in (0.1, 0.3, 0.5)] == [1 / 2, 1 / 2, 1 / 2]
+    assert [overall[f"box_LocAcc@{t}"] for t in (0.1, 0.3, 0.5)] == [4 / 6, 3 / 6, 2 / 6]
+    # one hit on one of two defects counts for LocAcc, not for the per-image mean IoU
+    assert bottle["box_IoU50_rate"] == 1 / 4 and bottle["box_mIoU"] == pytest.approx((0.5 + 0.2 + 0.2 + 0) / 4)
+
+
+def test_localisation_accuracy_is_nan_without_scored_images() -> None:
+    metrics = compute_metrics([pred("normal", "b", 0.1), pred("anomalous", "a", 0.9, [], [[0, 0, 1, 1]], name="x")])
+    assert all(math.isnan(metrics["overall"][f"box_LocAcc@{t}"]) for t in LOC_ACC_THRESHOLDS)
 
 
 def test_anomalous_image_without_true_boxes_is_left_out_of_miou() -> None:

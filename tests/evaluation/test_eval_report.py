@@ -13,7 +13,9 @@ from anomaly_rl.evaluation.metrics import compute_metrics
 from anomaly_rl.evaluation.report import (
     TABLE_COLUMNS,
     comparison_markdown,
+    evaluation_summary,
     format_value,
+    log_wandb_summary,
     metrics_markdown,
     write_evaluation,
 )
@@ -122,3 +124,41 @@ def test_write_evaluation_round_trip(tmp_path: Path, predictions: list[dict[str,
 def test_metrics_markdown_rejects_other_dicts() -> None:
     with pytest.raises(ValueError, match="overall"):
         metrics_markdown({"image_Accuracy": 1.0})
+
+
+def test_localisation_accuracy_in_the_files(predictions: list[dict[str, Any]], tmp_path: Path) -> None:
+    metrics = compute_metrics(predictions)
+    paths = write_evaluation(tmp_path / "eval_grpo", predictions, metrics)
+    stored = json.loads(paths["metrics"].read_text())
+    # bottle's box is exact; cable's (5,5,9,9) inside (0,0,20,20): IoU 16/400 = 0.04, a miss at 0.1
+    assert stored["per_category"]["bottle"]["box_LocAcc@0.5"] == 1.0
+    assert stored["per_category"]["cable"]["box_LocAcc@0.1"] == 0.0
+    assert stored["overall"]["box_LocAcc@0.1"] == 0.5
+    header = [title for _, title in TABLE_COLUMNS]
+    rows = table_rows(paths["markdown"].read_text())
+    assert [dict(zip(header, row[1:], strict=True))["LocAcc@0.3"] for row in rows] == ["1.000", "0.000", "0.500"]
+
+
+class FakeRun:
+    def __init__(self) -> None:
+        self.summary: dict[str, float] = {}
+
+
+def test_every_evaluation_row_goes_to_the_wandb_summary(
+    predictions: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    metrics = compute_metrics(predictions)
+    write_evaluation(tmp_path / "eval_start", predictions, metrics)
+    write_evaluation(tmp_path / "eval_grpo", predictions, metrics)
+    run = FakeRun()
+    monkeypatch.setattr(wandb, "run", run)
+    logged = log_wandb_summary(tmp_path)
+    assert run.summary == logged
+    assert logged["eval/grpo/box_LocAcc@0.1"] == 0.5 and logged["eval/start/box_LocAcc@0.5"] == 0.5
+    assert logged["eval/grpo/cable/box_LocAcc@0.1"] == 0.0 and logged["eval/grpo/bottle/box_LocAcc@0.3"] == 1.0
+    assert "eval/grpo/image_AUROC" in logged and "eval/grpo/cable/image_AUROC" not in logged  # NaN: one class
+    assert logged == {**evaluation_summary("start", metrics), **evaluation_summary("grpo", metrics)}
+    monkeypatch.setattr(wandb, "run", None)
+    assert log_wandb_summary(tmp_path) == logged  # without a run: nothing logged, nothing fails

@@ -30,7 +30,7 @@ WANDB_RUN = [
     "algo.log_samples_every=1",
     "algo.max_steps=2",
     "++warm_start.checkpoint=null",
-    "eval.enabled=false",
+    "eval.limit=6",  # the start and grpo rows, for the W&B summary
 ]
 GROUP_SIZE, PROMPTS = 3, 2
 TABLE_COLUMNS = ["step", "image", "category", "label", "response", "cls", "loc", "fmt", "total", "advantage"]
@@ -93,6 +93,16 @@ def read_closed_log(path: Path, timeout_s: float = 60.0) -> list[Any]:
         if time.monotonic() > deadline:
             raise AssertionError(f"{problem} after {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def summary_values(records: list[Any]) -> dict[str, Any]:
+    """The run's summary as the UI shows it (the last value written for each key)."""
+    values: dict[str, Any] = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values
 
 
 def history_rows(records: list[Any]) -> list[dict[str, Any]]:
@@ -230,6 +240,27 @@ def test_offline_wandb_run_holds_the_logged_scalars_and_sample_tables(
             assert len({(d["category"], d["label"]) for d in members}) == 1
 
     check_table_images(records, cfg, tmp_path)
+    check_evaluation_summary(records, run_dir)
+
+
+def check_evaluation_summary(records: list[Any], run_dir: Path) -> None:
+    """Every evaluation row's metrics (localisation accuracy included) are in the run's summary, and
+    the run folder records its training images and its (clean) leakage check."""
+    from anomaly_rl.data.leakage import LEAKAGE_REPORT, TRAINING_IMAGES, Fingerprints
+
+    summary = summary_values(records)
+    for row in ("start", "grpo"):
+        metrics = json.loads((run_dir / f"eval_{row}" / "metrics.json").read_text(encoding="utf-8"))
+        assert metrics["overall"]["box_n_scored"] > 0, "no scored image: the LocAcc checks below would be empty"
+        for scope, values in [("", metrics["overall"]), *((f"{c}/", v) for c, v in metrics["per_category"].items())]:
+            for key in ("n_images", "box_LocAcc@0.1", "box_LocAcc@0.3", "box_LocAcc@0.5"):
+                if values[key] is None:  # NaN in metrics.json: left out of the summary
+                    assert f"eval/{row}/{scope}{key}" not in summary
+                else:
+                    assert summary[f"eval/{row}/{scope}{key}"] == pytest.approx(values[key]), (row, scope, key)
+    leakage = json.loads((run_dir / LEAKAGE_REPORT).read_text(encoding="utf-8"))
+    assert leakage["overlaps"] == [] and leakage["training_images"] > 0
+    assert len(Fingerprints.load(run_dir / TRAINING_IMAGES)) == leakage["training_images"]
 
 
 def check_table_images(records: list[Any], cfg: DictConfig, tmp_path: Path) -> None:

@@ -129,8 +129,8 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("ddp")
     root, run, probe = tmp / "root", tmp / "run", tmp / "probe"
     overrides = _small(root, probe)
-    _train(overrides, run)
-    return {"root": root, "run": run, "probe": probe, "overrides": overrides}
+    done = _train(overrides, run)
+    return {"root": root, "run": run, "probe": probe, "overrides": overrides, "output": done.stdout + done.stderr}
 
 
 @pytest.mark.parametrize(
@@ -252,3 +252,34 @@ def test_pause_and_resume_on_two_processes_gives_the_weights_of_a_straight_run(t
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_each_process_evaluates_a_shard_and_the_metrics_are_those_of_one_process(ddp_run: dict[str, Any]) -> None:
+    """The grpo row was predicted by both processes (half the split each) and gathered; one process
+    evaluating the same final weights on the whole split gets the same predictions and metrics."""
+    from anomaly_rl.evaluation.runner import evaluate_to_folder
+    from anomaly_rl.models.loading import load_model_and_processor
+    from anomaly_rl.models.weights import load_policy_weights
+
+    output = ddp_run["output"]
+    for process in (0, 1):
+        assert f"evaluation: process {process} of 2 predicts 1 of 2 samples" in output
+    run = ddp_run["run"]
+    cfg = compose_config("train", ddp_run["root"], run, ddp_run["overrides"])
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    model, processor = load_model_and_processor(cfg.model)
+    load_policy_weights(model, run / "final", processor)
+    single = evaluate_to_folder(
+        model, processor, hydra.utils.instantiate(cfg.schema), datamodule, run.parent / "single",
+        split="test", batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
+        limit=cfg.eval.limit,
+    )
+    sharded = json.loads((run / "eval_grpo" / "metrics.json").read_text())
+    read = [json.loads(line) for line in (run / "eval_grpo" / "predictions.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (run.parent / "single" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["image_path"] for r in read] == [r["image_path"] for r in again]
+    assert [r["response"] for r in read] == [r["response"] for r in again]
+    for key, value in single["overall"].items():
+        if isinstance(value, float) and value == value:
+            assert sharded["overall"][key] == pytest.approx(value, abs=1e-6), key

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from anomaly_rl.data.files import load_rgb
 from anomaly_rl.evaluation import mmad_runner
-from anomaly_rl.evaluation.mmad import SCORES_CSV, SCORES_MD, read_answers, score_mmad
+from anomaly_rl.evaluation.mmad import SCORES_CSV, SCORES_MD, SCORES_MMAD_CSV, read_answers, score_mmad
 from anomaly_rl.models.loading import load_model_and_processor
 from tests.mmad.fixture import build_mmad_fixture
 
@@ -113,6 +113,9 @@ def test_evaluate_cli_end_to_end(tmp_path: Path) -> None:
     markdown = (run_dir / SCORES_MD).read_text(encoding="utf-8")
     assert f"Unparseable answers (scored wrong, not dropped): {table.unparseable} of 16." in markdown
     assert "# MMAD accuracy (%)" in result.stdout
+    # MMAD's convention beside it, and no training run to check leakage against (an untrained model)
+    assert (run_dir / SCORES_MMAD_CSV).is_file() and "MMAD's summary script" in markdown
+    assert not (run_dir / "leakage.json").exists()
 
 
 # --- in process, with scripted answers ----------------------------------------------------------
@@ -193,3 +196,11 @@ def test_scripted_answers_become_letters_and_scores(tmp_path: Path, monkeypatch:
     assert (summary["total"], summary["unparseable"]) == (5, 2)
     columns, grid = _csv_grid(tmp_path / "run" / SCORES_CSV)
     assert grid[-1] == ("Average", pytest.approx([50.0, 100.0, 50.0, 200 / 3]))
+    # MMAD's convention: bad OS (None) is dropped and good AD, right after it, skipped (None too);
+    # AD = (normal: none counted -> 0 + anomalous 1/1) / 2 = 50; DL 100; OA: good OS 1/1 = 100.
+    assert summary["mmad"]["cells"]["VisA"] == pytest.approx(
+        {"Anomaly Detection": 50.0, "Defect Localization": 100.0, "Object Analysis": 100.0}
+    )
+    assert (summary["mmad"]["total"], summary["mmad"]["unparseable"], summary["mmad"]["skipped"]) == (3, 1, 1)
+    columns, grid = _csv_grid(tmp_path / "run" / SCORES_MMAD_CSV)
+    assert grid[-1] == ("Average", pytest.approx([50.0, 100.0, 100.0, 250 / 3]))

@@ -13,9 +13,14 @@ from hypothesis import strategies as st
 
 from anomaly_rl.evaluation.mmad import (
     AVERAGE,
+    COUNTS_CSV,
+    SCORES_CSV,
+    SCORES_MD,
+    SCORES_MMAD_CSV,
     MmadAnswersError,
     Tally,
     render_markdown,
+    score_conventions,
     score_mmad,
     write_scores,
 )
@@ -138,18 +143,22 @@ def test_malformed_records(records: list, needle: str) -> None:
 
 
 def test_write_scores(tmp_path: Path) -> None:
-    csv_path, md_path = write_scores(score_mmad(ANSWERS), tmp_path / "out")
+    tables = score_conventions(ANSWERS)
+    paths = write_scores(tables, tmp_path / "out")
+    assert [p.name for p in paths] == [SCORES_CSV, SCORES_MMAD_CSV, COUNTS_CSV, SCORES_MD]
+    csv_path, md_path = tmp_path / "out" / SCORES_CSV, tmp_path / "out" / SCORES_MD
     rows = list(csv.reader(csv_path.open(encoding="utf-8")))
     assert rows[0] == ["", AD, DC, DL, OA, AVERAGE]
     assert [r[0] for r in rows[1:]] == ["DS-MVTec", "VisA", AVERAGE]
     assert rows[1][3] == ""  # DS-MVTec was asked no localisation question
     assert float(rows[1][1]) == pytest.approx(700 / 12) and float(rows[3][5]) == pytest.approx(1225 / 18)
     text = md_path.read_text(encoding="utf-8")
-    assert "| DS-MVTec | 58.33 | 75.00 | – | 75.00 | 69.44 |" in text
-    assert "| **Average** | 54.17 | 62.50 | 100.00 | 75.00 | 68.06 |" in text
+    # each cell: accuracy (unparseable answers in it); the Average row and column sum the counts
+    assert "| DS-MVTec | 58.33 (1) | 75.00 (1) | – | 75.00 (0) | 69.44 (2) |" in text
+    assert "| **Average** | 54.17 (1) | 62.50 (2) | 100.00 (0) | 75.00 (0) | 68.06 (3) |" in text
     assert "Unparseable answers (scored wrong, not dropped): 3 of 18." in text
-    assert "| DS-MVTec | 1/2 (50.00) | 2/3 (66.67) |" in text
-    assert text == render_markdown(score_mmad(ANSWERS))
+    assert "| ours | DS-MVTec | 1/2 (50.00) | 2/3 (66.67) |" in text
+    assert text == render_markdown(tables)
 
 
 # --- properties -----------------------------------------------------------------------------------
