@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, Timer
 
-from anomaly_rl.grpo.errors import NonFiniteWeightsError
+from anomaly_rl.training.errors import NonFiniteWeightsError
 
 log = logging.getLogger("anomaly_rl")
 

@@ -1,4 +1,4 @@
-"""Finding the trained weights of a run folder, for evaluation, prediction and `init_from`."""
+"""Finding the trained weights of a run folder, for evaluation, prediction, export and `init_from`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from anomaly_rl.models.loading import load_model_and_processor
-from anomaly_rl.models.weights import load_policy_weights
+from anomaly_rl.models.weights import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    has_trained_weights,
+    load_policy_weights,
+)
 
 log = logging.getLogger("anomaly_rl")
 
@@ -17,27 +23,48 @@ WEIGHT_FOLDERS = ("final", "sft")
 
 
 def weights_folder(run_dir: str | Path) -> Path:
-    """The folder holding a run's last trained weights: `final/`, else `sft/`, else the folder itself."""
+    """The folder holding a run's last trained weights: `final/`, else `sft/`, else the folder itself.
+
+    Either weight format counts (a PEFT adapter folder or weights.pt, see models/weights.py).
+    """
     folder = Path(run_dir).expanduser()
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     for sub in WEIGHT_FOLDERS:
-        if (folder / sub / "weights.pt").is_file():
+        if has_trained_weights(folder / sub):
             return folder / sub
-    if (folder / "weights.pt").is_file():
+    if has_trained_weights(folder):
         return folder
+    hint = "give the folder of an anomaly_rl.train run"
+    if (folder / "config.yaml").is_file():
+        # A run folder whose phases never finished (it failed or was paused before the first one).
+        hint = f"the run in {folder} has not finished a training phase yet; continue it with resume={folder}"
     raise FileNotFoundError(
-        f"{folder}: no trained weights (looked for final/weights.pt, sft/weights.pt and weights.pt); "
-        "give the folder of an anomaly_rl.train run"
+        f"{folder}: no trained weights (looked in final/, sft/ and the folder itself for "
+        f"{ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE} or {WEIGHTS_FILE}); {hint}"
     )
+
+
+def run_config_path(run_dir: str | Path) -> Path | None:
+    """The config.yaml of the run `run_dir` belongs to: its own, or its run folder's when `run_dir`
+    is one of the run's weight folders (`final/`, `sft/`)."""
+    folder = Path(run_dir).expanduser()
+    for candidate in (folder / "config.yaml", folder.parent / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_config(run_dir: str | Path) -> DictConfig | None:
+    """The resolved config a run was trained with (its config.yaml), or None for a bare weights folder."""
+    saved = run_config_path(run_dir)
+    return OmegaConf.load(saved) if saved is not None else None
 
 
 def run_model_config(run_dir: str | Path, fallback: DictConfig) -> DictConfig:
     """The `model` config a run was trained with, so its weights load into the same architecture."""
-    saved = Path(run_dir).expanduser() / "config.yaml"
-    if saved.is_file():
-        return OmegaConf.load(saved).model
-    return fallback
+    saved = run_config(run_dir)
+    return saved.model if saved is not None and "model" in saved else fallback
 
 
 def load_trained_policy(model_cfg: DictConfig, ckpt: str | Path | None) -> tuple[Any, Any]:
@@ -45,8 +72,9 @@ def load_trained_policy(model_cfg: DictConfig, ckpt: str | Path | None) -> tuple
 
     The weights are checked against the processor's tokenizer, as `init_from` does in training.
     """
+    if ckpt:
+        folder = weights_folder(ckpt)  # before the model is built: a wrong folder fails at once
     model, processor = load_model_and_processor(model_cfg)
     if ckpt:
-        folder = weights_folder(ckpt)
         log.info("loaded %d tensors from %s", load_policy_weights(model, folder, processor), folder)
     return model, processor

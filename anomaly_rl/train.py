@@ -29,19 +29,22 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from anomaly_rl.callbacks import UNBOUNDED_STEPS, StepCheckpoint
 from anomaly_rl.checkpoints import weights_folder
+from anomaly_rl.data.datamodule import load_prompt_batch
 from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
 from anomaly_rl.evaluation.report import comparison_markdown, log_wandb_summary
-from anomaly_rl.evaluation.runner import evaluate_to_folder, load_batch, median_box_baseline
+from anomaly_rl.evaluation.runner import evaluate_to_folder, median_box_baseline
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
-from anomaly_rl.grpo.batches import ResumableBatches
-from anomaly_rl.grpo.distributed import barrier, broadcast_from_zero, check_divisible, is_rank_zero
 from anomaly_rl.grpo.module import GRPOModule
-from anomaly_rl.grpo.settings import GRPOSettings, SFTSettings
-from anomaly_rl.grpo.sft import SFTModule
+from anomaly_rl.grpo.settings import GRPOSettings
 from anomaly_rl.models.loading import load_model_and_processor
 from anomaly_rl.models.processing import unwrap_model
 from anomaly_rl.models.weights import load_policy_weights, save_policy
+from anomaly_rl.rollout.backends import make_rollout_backend
 from anomaly_rl.rollout.logprobs import make_reference, needs_reference_copy, reference_context
+from anomaly_rl.sft.module import SFTModule
+from anomaly_rl.sft.settings import SFTSettings
+from anomaly_rl.training.batches import ResumableBatches
+from anomaly_rl.training.distributed import barrier, broadcast_from_zero, check_divisible, is_rank_zero
 from anomaly_rl.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from anomaly_rl.utils.task import job_config, save_resolved_config, task_wrapper, write_json
 
@@ -343,7 +346,7 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             return
         if max_steps is not None:
             sft = dataclasses.replace(sft, max_steps=max_steps)
-        batches = ResumableBatches(datamodule.train_samples, sft.batch_size, int(cfg.seed), load_batch)
+        batches = ResumableBatches(datamodule.train_samples, sft.batch_size, int(cfg.seed), load_prompt_batch)
         module = SFTModule(model, processor, schema, batches, sft)
         minutes = max_minutes if max_minutes is not None else sft.max_minutes
         trainer, checkpoint = _phase_trainer(cfg, run_dir, phase, sft.max_steps, minutes, sft.checkpoint_every)
@@ -382,11 +385,11 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
                 # on the decisions made from what it sees, and lets one feature pass serve each step.
                 unwrap_model(model).model.visual.requires_grad_(False)
             batches = ResumableBatches(
-                datamodule.train_samples, settings.prompts_per_step, int(cfg.seed), load_batch
+                datamodule.train_samples, settings.prompts_per_step, int(cfg.seed), load_prompt_batch
             )
             module = GRPOModule(
                 model, processor, schema, reward, batches, settings, reference_factory(model),
-                sample_logger=log_rollout_table,
+                rollout_backend=make_rollout_backend(settings.rollout_backend), sample_logger=log_rollout_table,
             )
             updates = settings.max_steps * settings.num_iterations * settings.mini_batches
             trainer, checkpoint = _phase_trainer(

@@ -8,6 +8,7 @@ from typing import Any
 import hydra
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -113,3 +114,95 @@ def test_a_failed_multirun_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     failures = sorted(tmp_path.glob("logs/train/multiruns/*/*/failure.txt"))
     assert [f.parent.name for f in failures] == ["0", "1"], done.stderr[-2000:]
     assert "model.path" in failures[1].read_text()
+
+
+# ---------------------------------------------------------------- real-model recipes (issue 17)
+REAL_RECIPES = ["paper_adfm", "paper_adfm_3b", "mvtec_fewshot", "visa_fewshot", "mmad_1shot"]
+TINY_ALGO = yaml.safe_load((CONF / "sizes" / "tiny_cpu.yaml").read_text())["algo"]  # the embedded default's sizes
+
+
+def flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("experiment", REAL_RECIPES)
+def test_real_recipes_state_the_papers_settings(tmp_path: Path, experiment: str) -> None:
+    cfg = compose_train(tmp_path, [f"+experiment={experiment}"])
+    algo, model = cfg.algo, cfg.model
+    assert (algo.group_size, algo.temperature, algo.top_p, algo.beta) == (6, 0.9, 1.0, 0.04)
+    assert (algo.eps_low, algo.eps_high, algo.loss_type, algo.num_iterations) == (0.2, 0.2, "grpo", 1)
+    assert algo.max_new_tokens == 512 and cfg.eval.max_new_tokens == 512
+    assert algo.optimizer.lr == 1.0e-5 and algo.lr_schedule == "cosine" and algo.min_lr_ratio == 0.0
+    assert 0 < algo.warmup_steps < algo.max_steps
+    assert model.name.startswith("qwen2_5_vl_") and model.finetune == "lora" and model.freeze_vision
+    assert (model.lora.r, model.lora.alpha, model.lora.target_modules) == (64, 128, "all-linear")
+    assert model.image_max_pixels == 512 * 512
+    assert cfg.schema.style == "instruction" and cfg.trainer.precision == "bf16-mixed"
+    # No tiny warm start, no SFT control of the tiny default.
+    assert not cfg.warm_start.enabled and not cfg.control.enabled
+    assert cfg.hydra.runtime.choices.sizes == "paper"
+    # Every value conf/sizes/tiny_cpu.yaml's `algo` block sets for the tiny CPU default is restated.
+    tiny = flat(TINY_ALGO)
+    ours = flat(OmegaConf.to_container(algo, resolve=True))
+    inherited = [k for k, v in tiny.items() if k != "train_vision" and ours[k] == v]
+    assert not inherited, f"{experiment} inherits the tiny default's {inherited}"
+    # ... and the training loop accepts every setting as written.
+    from anomaly_rl.train import check_settings
+
+    settings, warm_start = check_settings(cfg, int(hydra.utils.instantiate(cfg.schema).min_new_tokens), 1)
+    assert settings.max_new_tokens == 512 and warm_start is None
+
+
+def test_paper_adfm_is_the_released_7b_setting_and_its_3b_twin_differs_only_in_the_model(tmp_path: Path) -> None:
+    paper = compose_train(tmp_path, ["+experiment=paper_adfm"])
+    twin = compose_train(tmp_path, ["+experiment=paper_adfm_3b"])
+    assert paper.model.name == "qwen2_5_vl_7b" and twin.model.name == "qwen2_5_vl_3b"
+    assert paper.algo.prompts_per_step == 50 and paper.data.num_references == 1
+    assert paper.algo.max_steps == 72  # 15 epochs of 240 few-shot images at 50 prompts a step
+    for key in ("algo", "data", "schema", "reward", "trainer", "warm_start", "control", "eval"):
+        assert OmegaConf.to_container(paper[key], resolve=True) == OmegaConf.to_container(twin[key], resolve=True), key
+    differ = {k for k in paper.model if paper.model[k] != twin.model[k]}
+    assert differ == {"name", "hf_repo"}
+
+
+@pytest.mark.parametrize(("experiment", "references"), [("mvtec_fewshot", 0), ("visa_fewshot", 0), ("mmad_1shot", 1)])
+def test_few_shot_recipes_references_and_data(tmp_path: Path, experiment: str, references: int) -> None:
+    cfg = compose_train(tmp_path, [f"+experiment={experiment}"])
+    assert cfg.model.name == "qwen2_5_vl_3b" and cfg.algo.prompts_per_step == 6
+    assert cfg.data.num_references == references and cfg.data.shots == 8
+    assert cfg.data.reader == ("visa" if experiment == "visa_fewshot" else "mvtec")
+    assert hydra.utils.instantiate(cfg.data).num_references == references
+
+
+def test_tiny_sizes_belong_to_the_default_only(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [])
+    assert cfg.model.name == "tiny"
+    assert (cfg.algo.lr_schedule, cfg.algo.max_new_tokens, cfg.algo.max_steps) == ("constant", 64, 120)
+    assert (cfg.algo.warmup_steps, cfg.algo.optimizer.lr, cfg.algo.prompts_per_step) == (5, 5.0e-5, 8)
+    assert cfg.warm_start.enabled and cfg.control.enabled
+    assert cfg.warm_start.checkpoint.endswith("experiments/warm_start/tiny_sft")
+
+
+@pytest.mark.parametrize("experiment", ["paper_adfm", "paper_adfm_3b"])
+def test_paper_recipes_without_paths_stop_with_what_to_set(tmp_path: Path, experiment: str) -> None:
+    from anomaly_rl.train import MissingSettingError, preflight
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={experiment}"])
+    with pytest.raises(MissingSettingError, match=r"model\.path=.*Qwen2\.5-VL-.B-Instruct.*data\.root="):
+        preflight(cfg)
+
+
+def test_export_config_composes() -> None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("export", overrides=["run=/some/run"], return_hydra_config=True)
+    assert cfg.task_name == "export" and cfg.run == "/some/run" and cfg.merged is False
+    assert cfg.dtype is None and cfg.model_path is None

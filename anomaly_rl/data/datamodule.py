@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from anomaly_rl.data.boxes import BoxConfig
 from anomaly_rl.data.errors import ON_ERROR_CHOICES, DataError
@@ -69,6 +68,13 @@ class SampleDataset(Dataset):
         return sample, load_rgb(sample.image_path), [load_rgb(p) for p in sample.reference_paths]
 
 
+def load_prompt_batch(samples: Sequence[Sample]) -> PromptBatch:
+    """Decode the images of `samples` into a PromptBatch: how every phase and evaluation loads data
+    (training batches are drawn by `training.batches.ResumableBatches`, which calls this)."""
+    dataset = SampleDataset(samples)
+    return collate_prompts([dataset[i] for i in range(len(dataset))])
+
+
 def collate_prompts(items: Sequence[tuple[Sample, Image.Image, list[Image.Image]]]) -> PromptBatch:
     return PromptBatch(samples=[i[0] for i in items], images=[i[1] for i in items],
                        references=[i[2] for i in items])
@@ -107,10 +113,6 @@ class AnomalyDataModule(L.LightningDataModule):
         num_references: int = 0,
         val_size: int = 0,
         seed: int = 0,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        drop_last: bool = False,
         on_error: str = "raise",
         synthetic: Mapping[str, Any] | None = None,
         reader_options: Mapping[str, Any] | None = None,
@@ -121,8 +123,6 @@ class AnomalyDataModule(L.LightningDataModule):
             raise DataError(f"unknown data.reader {reader!r}; available: {sorted(READERS)}")
         if on_error not in ON_ERROR_CHOICES:
             raise DataError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-        if int(batch_size) < 1 or (eval_batch_size is not None and int(eval_batch_size) < 1):
-            raise DataError(f"data.batch_size/eval_batch_size must be >= 1, got {batch_size}/{eval_batch_size}")
         self.reader = reader
         self.root = Path(str(root))
         self.boxes = BoxConfig.from_any(_plain(boxes))
@@ -133,10 +133,6 @@ class AnomalyDataModule(L.LightningDataModule):
         self.num_references = int(num_references)
         self.val_size = int(val_size)
         self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
-        self.num_workers = int(num_workers)
-        self.drop_last = bool(drop_last)
         self.on_error = on_error
         # Validated now, so a bad generator setting fails at instantiation, not mid-training.
         self.synthetic = SyntheticConfig.from_mapping(_plain(synthetic)) if reader == "synthetic" else None
@@ -202,21 +198,3 @@ class AnomalyDataModule(L.LightningDataModule):
             write_report(self.leakage_report, run_dir)
         if training_images and self.training_fingerprints is not None:
             self.training_fingerprints.save(Path(run_dir) / TRAINING_IMAGES)
-
-    def _loader(self, samples: list[Sample], batch_size: int, train: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(SampleDataset(samples), batch_size=batch_size, shuffle=train, generator=generator,
-                          drop_last=self.drop_last if train else False, num_workers=self.num_workers,
-                          collate_fn=collate_prompts, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_samples, self.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_samples, self.eval_batch_size, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_samples, self.eval_batch_size, train=False)

@@ -18,12 +18,16 @@ from typing import Any
 import torch
 from rich.progress import track
 
-from anomaly_rl.data.datamodule import PromptBatch, SampleDataset, collate_prompts
+from anomaly_rl.data.datamodule import load_prompt_batch
 from anomaly_rl.data.records import Sample
 from anomaly_rl.evaluation.metrics import best_match_iou, compute_metrics
 from anomaly_rl.evaluation.placement import shard, unshard
 from anomaly_rl.evaluation.report import write_evaluation
-from anomaly_rl.grpo.distributed import (
+from anomaly_rl.models.processing import never_sampled_token_ids, stop_token_ids, unwrap_model
+from anomaly_rl.rollout.logprobs import answer_probabilities
+from anomaly_rl.rollout.transformers_backend import sample as sample_responses
+from anomaly_rl.schemas.base import Schema
+from anomaly_rl.training.distributed import (
     broadcast_from_zero,
     gather_objects,
     is_distributed,
@@ -31,20 +35,10 @@ from anomaly_rl.grpo.distributed import (
     rank,
     world_size,
 )
-from anomaly_rl.grpo.prompts import parse_in_original_frame, prepare_prompts
-from anomaly_rl.models.processing import never_sampled_token_ids, stop_token_ids, unwrap_model
-from anomaly_rl.rollout.logprobs import answer_probabilities
-from anomaly_rl.rollout.transformers_backend import sample as sample_responses
-from anomaly_rl.schemas.base import Schema
+from anomaly_rl.training.prompts import parse_in_original_frame, prepare_prompts
 
 ANSWER_OPEN = "<answer>"
 log = logging.getLogger("anomaly_rl")
-
-
-def load_batch(samples: Sequence[Sample]) -> PromptBatch:
-    """Decode the images of `samples` into a PromptBatch (the datamodule's own loading code)."""
-    dataset = SampleDataset(samples)
-    return collate_prompts([dataset[i] for i in range(len(dataset))])
 
 
 def letter_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -94,7 +88,7 @@ def predict(
     try:
         with torch.no_grad():
             for start in track(starts, description=description, disable=not progress):
-                batch = load_batch(samples[start : start + batch_size])
+                batch = load_prompt_batch(samples[start : start + batch_size])
                 prepared = prepare_prompts(
                     batch.samples, batch.images, batch.references, schema, processor, model
                 )

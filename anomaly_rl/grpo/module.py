@@ -6,7 +6,7 @@ grpo/loss.py); this file wires them, times them and logs what they return.
 
 Data parallel (several processes, `trainer=ddp_cpu` / `trainer=ddp`): every process samples whole
 groups for its own prompts of the global batch, the gradients are combined by
-`grpo/distributed.py` with the loss's own weights before clipping, and the logged metrics are
+`training/distributed.py` with the loss's own weights before clipping, and the logged metrics are
 computed once over every process's rows (see `step_metrics`), identical on every process.
 """
 
@@ -23,26 +23,9 @@ import torch
 
 from anomaly_rl.data.records import Sample
 from anomaly_rl.grpo.advantages import group_advantages, zero_variance_groups
-from anomaly_rl.grpo.batches import ResumableBatches
-from anomaly_rl.grpo.distributed import (
-    check_divisible,
-    gather_objects,
-    is_distributed,
-    is_rank_zero,
-    loss_weight,
-    own_process_state,
-    process_states,
-    rank,
-    rank_seed,
-    world_size,
-)
 from anomaly_rl.grpo.loss import policy_loss
 from anomaly_rl.grpo.metrics import StepRecord, box_areas, step_metrics
-from anomaly_rl.grpo.prompts import PreparedPrompts, parse_in_original_frame, prepare_prompts, select_prompts
-from anomaly_rl.grpo.rng import capture_rng, restore_rng
-from anomaly_rl.grpo.schedule import lr_factor
 from anomaly_rl.grpo.settings import GRPOSettings
-from anomaly_rl.grpo.update import optimizer_update
 from anomaly_rl.models.processing import (
     never_sampled_token_ids,
     stop_token_ids,
@@ -55,6 +38,28 @@ from anomaly_rl.rollout.logprobs import completion_logprobs
 from anomaly_rl.rollout.transformers_backend import TransformersBackend
 from anomaly_rl.schemas.base import Schema
 from anomaly_rl.schemas.parsed import ParsedResponse
+from anomaly_rl.training.batches import ResumableBatches
+from anomaly_rl.training.distributed import (
+    check_divisible,
+    gather_objects,
+    is_distributed,
+    is_rank_zero,
+    loss_weight,
+    own_process_state,
+    process_states,
+    rank,
+    rank_seed,
+    world_size,
+)
+from anomaly_rl.training.prompts import (
+    PreparedPrompts,
+    parse_in_original_frame,
+    prepare_prompts,
+    select_prompts,
+)
+from anomaly_rl.training.rng import capture_rng, restore_rng
+from anomaly_rl.training.schedule import lr_factor
+from anomaly_rl.training.update import optimizer_update
 
 log = logging.getLogger("anomaly_rl")
 

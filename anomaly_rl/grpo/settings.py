@@ -1,4 +1,4 @@
-"""The settings of the two training phases, instantiated from `conf/algo/*.yaml` (`_target_`).
+"""GRPO's settings, instantiated from `conf/algo/grpo.yaml` (`_target_`); SFT's are in sft/settings.py.
 
 The yaml files are the one place where each value is written: the dataclasses here declare the
 fields and their types and have no defaults, so a knob can neither drift between two places nor
@@ -9,18 +9,14 @@ any data or weights are loaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from anomaly_rl.grpo.advantages import SCALES
-from anomaly_rl.grpo.distributed import check_divisible
 from anomaly_rl.grpo.loss import LOSS_TYPES
-from anomaly_rl.grpo.schedule import LR_SCHEDULES
-
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+from anomaly_rl.rollout.backends import ROLLOUT_BACKENDS
+from anomaly_rl.training.distributed import check_divisible
+from anomaly_rl.training.schedule import LR_SCHEDULES
+from anomaly_rl.training.update import OptimizerFactory, optimizer_checks
 
 
 @dataclass
@@ -56,6 +52,7 @@ class GRPOSettings:
     lr_schedule: str
     min_lr_ratio: float
     logprob_chunk_size: int
+    rollout_backend: str
     dynamic_sampling: DynamicSampling
     train_vision: bool
     log_samples_every: int
@@ -108,6 +105,10 @@ class GRPOSettings:
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"),
             (
+                self.rollout_backend in ROLLOUT_BACKENDS,
+                f"rollout_backend must be one of {', '.join(sorted(ROLLOUT_BACKENDS))}, got {self.rollout_backend!r}",
+            ),
+            (
                 self.dynamic_sampling.max_rounds >= 0,
                 f"dynamic_sampling.max_rounds must be >= 0, got {self.dynamic_sampling.max_rounds}",
             ),
@@ -116,7 +117,7 @@ class GRPOSettings:
                 f"log_samples_every must be >= 0 (0: never), got {self.log_samples_every}",
             ),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            *_optimizer_checks(self.optimizer),
+            *optimizer_checks(self.optimizer),
         ]
         return [f"{prefix}.{message}" for ok, message in checks if not ok]
 
@@ -127,49 +128,3 @@ class GRPOSettings:
             raise ValueError("; ".join(problems))
         if processes > 1:
             check_divisible(self.prompts_per_step, self.mini_batches, processes, f"{prefix}.prompts_per_step")
-
-
-@dataclass
-class SFTSettings:
-    """`conf/algo/sft.yaml` (the warm start, an SFT run, and the SFT control)."""
-
-    name: str
-    batch_size: int
-    max_steps: int
-    max_minutes: float | None
-    warmup_steps: int
-    lr_schedule: str
-    min_lr_ratio: float
-    max_grad_norm: float
-    box_grid: int
-    checkpoint_every: int
-    optimizer: OptimizerFactory = field(repr=False)
-
-    def problems(self, prefix: str) -> list[str]:
-        checks: list[tuple[bool, str]] = [
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (
-                self.max_minutes is None or self.max_minutes > 0,
-                f"max_minutes must be null or > 0, got {self.max_minutes}",
-            ),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (
-                self.lr_schedule in LR_SCHEDULES,
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
-            ),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
-            (self.box_grid >= 1, f"box_grid must be >= 1, got {self.box_grid}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            *_optimizer_checks(self.optimizer),
-        ]
-        return [f"{prefix}.{message}" for ok, message in checks if not ok]
-
-
-def _optimizer_checks(optimizer: Any) -> list[tuple[bool, str]]:
-    """The learning rate of a `_partial_` optimiser (a functools.partial), when it names one."""
-    lr = getattr(optimizer, "keywords", {}).get("lr")
-    if lr is None:
-        return []
-    return [(float(lr) > 0, f"optimizer.lr must be > 0, got {lr}")]

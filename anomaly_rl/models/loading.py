@@ -21,6 +21,7 @@ from transformers.image_utils import SizeDict
 
 from anomaly_rl.models.processor import ImageOnlyQwenVLProcessor
 from anomaly_rl.models.tiny import TinyModelSpec, tiny_model_dir
+from anomaly_rl.models.weights import MODEL_NAME_ATTRIBUTE
 
 # name -> (expected config.json model_type, Hugging Face repository to download it from)
 KNOWN_MODELS: dict[str, tuple[str, str | None]] = {
@@ -84,6 +85,14 @@ def resolve_model_dir(cfg: Mapping[str, Any]) -> Path:
             f"model.path={folder} holds no config.json (model.name={name}); {how}"
         )
     return folder
+
+
+def checkpoint_dtype(folder: str | Path) -> str:
+    """The dtype a checkpoint folder's weights are stored in ("bfloat16" for Qwen's), from its
+    config.json (`dtype` since transformers 5, `torch_dtype` before); "float32" when it says none."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return name if name in DTYPES else "float32"
 
 
 def _check_model_type(folder: Path, name: str) -> None:
@@ -187,6 +196,7 @@ def load_model_and_processor(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    setattr(model, MODEL_NAME_ATTRIBUTE, name)  # read back by save_policy for meta.json
     model = apply_finetuning(model, cfg)
     processor = load_processor(folder, cfg)
     return model, processor

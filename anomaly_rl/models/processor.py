@@ -8,11 +8,17 @@ tiny model's folder through the same code, and never touches torchvision.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# The stock processor class per config.json model_type, as published checkpoints name it.
+STOCK_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}
 
 
 class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
@@ -48,11 +54,62 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
                 image_processor = CoordinateFrameImageProcessor(**config)
             else:
                 image_processor = Qwen2VLImageProcessorPil(**config)
-        else:  # preprocessor_config.json (the layout of published checkpoints)
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-                pretrained_model_name_or_path, **kwargs
+        else:  # preprocessor_config.json (the layout of published checkpoints and of our exports)
+            # An exported tiny model keeps its coordinate frame in that file (save_stock_processor).
+            image_class = (
+                CoordinateFrameImageProcessor
+                if _preprocessor_config(pretrained_model_name_or_path).get("coordinate_frame")
+                else Qwen2VLImageProcessorPil
             )
+            image_processor = image_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
+
+
+def _preprocessor_config(folder: Any) -> dict[str, Any]:
+    path = Path(str(folder)) / PREPROCESSOR_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def save_stock_processor(processor: ImageOnlyQwenVLProcessor, folder: str | Path, model_type: str) -> Path:
+    """Write `processor` in the published Qwen-VL layout, which stock transformers loads.
+
+    Our own `save_pretrained` names this subclass in processor_config.json, a class that
+    `AutoProcessor` outside this project cannot find. The published layout — preprocessor_config.json
+    naming `Qwen2VLImageProcessor` (a class of transformers 4.x and 5), tokenizer files,
+    chat_template.json — is read by `AutoProcessor.from_pretrained` (which, in transformers 5, also
+    builds Qwen's video processor and so needs torchvision) and by this project's loader. The pixel
+    budget written is the one the model was trained with (model.image_min/max_pixels), not the
+    base checkpoint's.
+    """
+    if model_type not in STOCK_PROCESSOR_CLASS:
+        raise ValueError(f"no stock processor for model_type={model_type!r}; known: {sorted(STOCK_PROCESSOR_CLASS)}")
+    processor_class = STOCK_PROCESSOR_CLASS[model_type]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image = processor.image_processor.to_dict()
+    size = dict(image.get("size") or {})
+    image.update(
+        image_processor_type="Qwen2VLImageProcessor",
+        processor_class=processor_class,
+        # transformers 4.x reads the budget from these two keys, 5 from `size`: write both.
+        min_pixels=size.get("shortest_edge"),
+        max_pixels=size.get("longest_edge"),
+    )
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(image, indent=2, default=int) + "\n", encoding="utf-8")
+    processor.tokenizer.save_pretrained(str(folder))
+    template = processor.chat_template
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["processor_class"] = processor_class
+    for key in ("is_local", "local_files_only"):  # loading arguments transformers 5 echoes back
+        config.pop(key, None)
+    if template:
+        config["chat_template"] = template  # where transformers 4.4x tokenizers look for it
+        (folder / "chat_template.json").write_text(
+            json.dumps({"chat_template": template}, indent=2) + "\n", encoding="utf-8"
+        )
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
 
 
 class CoordinateFrameImageProcessor(Qwen2VLImageProcessorPil):

@@ -1,7 +1,8 @@
 """What every sampling backend returns, and the interface it implements.
 
-The transformers backend is the default; a vLLM backend can implement the same `sample` and return
-the same `Rollout`, so nothing above this floor changes.
+The eager transformers backend is the default and the static-cache (CUDA graph) backend the fast
+one on a GPU; a vLLM backend can implement the same `sample` and return the same `Rollout`, so
+nothing above this floor changes.
 """
 
 from __future__ import annotations
@@ -59,7 +60,17 @@ class Rollout:
 
 @runtime_checkable
 class RolloutBackend(Protocol):
-    """Samples `group_size` responses per encoded prompt."""
+    """Samples `group_size` responses per encoded prompt.
+
+    The contract (tests/rollout/test_backend_contract.py runs it against every backend): rows
+    b*G .. b*G+G-1 answer prompt b; the vision tower is not run (enc carries the image features);
+    the model's train/eval mode is restored; no gradient is recorded; the mask is a prefix of ones
+    ending at the stop token (inside the mask) or at max_new_tokens (truncated); ids after it are the
+    pad token and sampling_logp 0; sampling_logp equals what completion_logprobs recomputes at the
+    same temperature and never-sampled set (temperature 1 for greedy); never-sampled tokens are
+    never drawn; the same generator seed gives the same tokens; SamplingError for settings that
+    cannot be honoured. Implementations: rollout/backends.py (`algo.rollout_backend`).
+    """
 
     def sample(
         self,

@@ -4,12 +4,16 @@ Why not `model.generate(num_return_sequences=G)`: it copies every prompt G times
 forward pass, so the vision tower and the prefill run B*G times instead of B. Here the prompt is
 prefilled once, its KV cache is repeated G times, and a small sampling loop decodes all B*G rows,
 recording the log-probability of every drawn token (GRPO's pi_old) on the way.
+
+The settings check, the prefill, the token draw and the DecodeRecord are shared with the static
+backend (static_backend.py), which differs only in how a decode step runs.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -128,6 +132,105 @@ def draw_tokens(
     return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
+def check_settings(
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_ids: Sequence[int],
+    suppress_token_ids: Sequence[int],
+) -> None:
+    """Raise SamplingError for settings no backend can honour (shared by every backend)."""
+    if group_size < 1 or max_new_tokens < 1:
+        raise SamplingError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise SamplingError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    clash = set(eos_token_ids) & set(suppress_token_ids)
+    if clash:
+        raise SamplingError(f"tokens {sorted(clash)} are both stop tokens and never-sampled tokens")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Sample in eval mode (dropout off, so that sampling_logp is the policy's log-prob), then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def prefill(model: nn.Module, enc: EncodedPrompts, group_size: int, max_new_tokens: int) -> tuple[Tensor, Any]:
+    """Run the B prompts once and repeat their cache G times: (logits [B*G, V] of token 0, the cache).
+
+    Rows b*G .. b*G+G-1 share prompt b's keys/values. The cache's full-attention layers have room for
+    `max_new_tokens` more tokens (_PreallocatedLayer), which the static backend adopts as its buffers.
+    """
+    base = unwrap_model(model)
+    out = base(
+        inputs_embeds=prompt_embeddings(model, enc),
+        attention_mask=enc.attention_mask,
+        position_ids=enc.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_kwarg(base): _decode_cache(base, max_new_tokens)},
+    )
+    cache = _returned_cache(out)
+    cache.batch_repeat_interleave(group_size)
+    return out.logits[:, -1].repeat_interleave(group_size, dim=0), cache
+
+
+class DecodeRecord:
+    """What a sampling loop writes, row by row, and the Rollout it becomes.
+
+    `active` holds the rows still decoding, in ascending order; a backend that drops finished rows
+    from its batch (the eager loop) or keeps them (the static one) reads and narrows it the same way,
+    so both record identical tensors for identical draws.
+    """
+
+    def __init__(
+        self, enc: EncodedPrompts, group_size: int, max_new_tokens: int, eos_token_ids: Sequence[int]
+    ) -> None:
+        device = enc.input_ids.device
+        n_rows = enc.num_prompts * group_size
+        self.enc = enc
+        self.group_size = group_size
+        self.eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
+        self.ids = torch.full((n_rows, max_new_tokens), enc.pad_token_id, dtype=torch.long, device=device)
+        self.logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
+        self.mask = torch.zeros((n_rows, max_new_tokens), dtype=torch.long, device=device)
+        self.stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        self.active = torch.arange(n_rows, device=device)
+
+    def record(self, t: int, tokens: Tensor, token_logp: Tensor) -> Tensor:
+        """Store the tokens drawn for the active rows at step t; return which of them stopped [n_active]."""
+        self.ids[self.active, t] = tokens
+        self.logps[self.active, t] = token_logp
+        self.mask[self.active, t] = 1
+        hit = torch.isin(tokens, self.eos) if self.eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
+        # Indexed by position, not by a boolean mask: no device-to-host sync at every step.
+        self.stopped[self.active] = self.stopped[self.active] | hit
+        return hit
+
+    def rollout(self) -> Rollout:
+        length = int(self.mask.sum(dim=1).max())
+        ids, logps, mask = self.ids[:, :length], self.logps[:, :length], self.mask[:, :length]
+        texts = self.enc.tokenizer.batch_decode(
+            [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)], skip_special_tokens=True
+        )
+        return Rollout(
+            prompt_ids=self.enc.input_ids,
+            prompt_mask=self.enc.attention_mask,
+            completion_ids=ids,
+            completion_mask=mask,
+            sampling_logp=logps,
+            texts=texts,
+            truncated=~self.stopped,
+            group_size=self.group_size,
+        )
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -147,17 +250,8 @@ def sample(
     log-prob) and restored afterwards. `generator` must live on the model's device. An empty
     `eos_token_ids` forces every row to run max_new_tokens tokens.
     """
-    if group_size < 1 or max_new_tokens < 1:
-        raise SamplingError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise SamplingError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    clash = set(eos_token_ids) & set(suppress_token_ids)
-    if clash:
-        raise SamplingError(f"tokens {sorted(clash)} are both stop tokens and never-sampled tokens")
-
-    was_training = model.training
-    model.eval()
-    try:
+    check_settings(group_size, max_new_tokens, temperature, top_p, eos_token_ids, suppress_token_ids)
+    with eval_mode(model):
         return _sample(
             model,
             enc,
@@ -169,8 +263,6 @@ def sample(
             suppress_token_ids=suppress_token_ids,
             generator=generator,
         )
-    finally:
-        model.train(was_training)
 
 
 def _sample(
@@ -188,44 +280,23 @@ def _sample(
     base = unwrap_model(model)
     device = enc.input_ids.device
     cache_kw = _cache_kwarg(base)
-    n_rows = enc.num_prompts * group_size
-
-    out = base(
-        inputs_embeds=prompt_embeddings(model, enc),
-        attention_mask=enc.attention_mask,
-        position_ids=enc.position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_kw: _decode_cache(base, max_new_tokens)},
-    )
-    cache = _returned_cache(out)
-    cache.batch_repeat_interleave(group_size)  # rows b*G..b*G+G-1 share prompt b's keys/values
-    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+    logits, cache = prefill(model, enc, group_size, max_new_tokens)
     suppress = suppression_mask(logits.shape[-1], suppress_token_ids, device)
-    eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
     prompt_mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
     next_position = enc.next_position.repeat_interleave(group_size)
-
-    ids = torch.full((n_rows, max_new_tokens), enc.pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
-    mask = torch.zeros((n_rows, max_new_tokens), dtype=torch.long, device=device)
-    stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    active = torch.arange(n_rows, device=device)  # rows still decoding, in the cache's row order
+    record = DecodeRecord(enc, group_size, max_new_tokens, eos_token_ids)
 
     for t in range(max_new_tokens):
         tokens, token_logp = draw_tokens(logits, suppress, temperature, top_p, generator)
-        ids[active, t] = tokens
-        logps[active, t] = token_logp
-        mask[active, t] = 1
-        hit = torch.isin(tokens, eos) if eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
-        stopped[active[hit]] = True
+        hit = record.record(t, tokens, token_logp)
         if t == max_new_tokens - 1 or bool(hit.all()):
             break
         if bool(hit.any()):
             # Drop finished rows from the batch: later steps cost only what is still running.
             keep = (~hit).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            active, tokens = active[keep], tokens[keep]
+            record.active, tokens = record.active[keep], tokens[keep]
+        active = record.active
         attention = torch.cat(
             [prompt_mask[active], torch.ones((len(active), t + 1), dtype=prompt_mask.dtype, device=device)],
             dim=1,
@@ -240,26 +311,11 @@ def _sample(
         )
         cache = _returned_cache(out)
         logits = out.logits[:, -1]
-
-    length = int(mask.sum(dim=1).max())
-    ids, logps, mask = ids[:, :length], logps[:, :length], mask[:, :length]
-    texts = enc.tokenizer.batch_decode(
-        [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)], skip_special_tokens=True
-    )
-    return Rollout(
-        prompt_ids=enc.input_ids,
-        prompt_mask=enc.attention_mask,
-        completion_ids=ids,
-        completion_mask=mask,
-        sampling_logp=logps,
-        texts=texts,
-        truncated=~stopped,
-        group_size=group_size,
-    )
+    return record.rollout()
 
 
 class TransformersBackend:
-    """The default RolloutBackend."""
+    """The default RolloutBackend: eager decoding, finished rows dropped from the batch as they stop."""
 
     def sample(
         self,

@@ -24,6 +24,10 @@
 #      The JSON and the log land in $OUT (or experiments/bench/results/ without $OUT); copy the
 #      JSON into experiments/bench/results/. The JSON is rewritten after each side, so a TRL
 #      failure or a timeout during TRL still leaves our side's numbers.
+#   3. Or, instead of 2, the GPU-readiness session (experiments/bench/gpu_step.py: log-prob memory, eager vs
+#      static/CUDA-graph rollout, GRPO steps of ours_static, ours and TRL; about 8-9 min on an H200):
+#        device run: command "bash experiments/bench/gpu_qwen3b_bench.sh step", carry [".whl"],
+#                    timeout_s 600; results in $OUT/gpu_step.json (+ one JSON per stage, the log)
 #
 # Overridable: STEPS (2), WARMUP (1), GROUP (6), PROMPTS (2), TOKENS (512), IMAGE_SIZE (448),
 # SIDES (ours,trl), EXTRA_WHEELS (more name==version to fetch), DEVICE (cuda) and EXTRA_ARGS (more
@@ -100,8 +104,7 @@ run() {
     run_logged "$out" 2>&1 | tee "$out/gpu_qwen3b_bench.log"
 }
 
-run_logged() {
-    local out=$1 started=$SECONDS status=0
+setup_env() {
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
         WANDB_DISABLED=true TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -124,6 +127,11 @@ run_logged() {
         export PYTHONPATH="$PWD"
     fi
     versions
+}
+
+run_logged() {
+    local out=$1 started=$SECONDS status=0
+    setup_env
     echo "setup took $((SECONDS - started)) s"
     # shellcheck disable=SC2086
     python3 experiments/bench/grpo_throughput.py --arch qwen2_5_vl_3b --device "${DEVICE:-cuda}" \
@@ -136,8 +144,28 @@ run_logged() {
     return $status
 }
 
+# The GPU-readiness session (experiments/bench/gpu_step.py): log-prob head memory, eager vs static
+# (CUDA graph) rollout, then GRPO steps of ours_static, ours (eager) and TRL, one JSON in $OUT.
+step() {
+    local out="${OUT:-experiments/bench/results/gpu_step}"
+    mkdir -p "$out"
+    step_logged "$out" 2>&1 | tee "$out/gpu_step.log"
+}
+
+step_logged() {
+    local out=$1 started=$SECONDS status=0
+    setup_env
+    echo "setup took $((SECONDS - started)) s"
+    # shellcheck disable=SC2086
+    python3 experiments/bench/gpu_step.py --out-dir "$out" ${EXTRA_ARGS:-} || status=$?
+    nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader || true
+    echo "step stage took $((SECONDS - started)) s"
+    return $status
+}
+
 case "${1:-}" in
     fetch) fetch ;;
     run) run ;;
-    *) echo "usage: $0 fetch|run   (see the header of this file)" >&2; exit 2 ;;
+    step) step ;;
+    *) echo "usage: $0 fetch|run|step   (see the header of this file)" >&2; exit 2 ;;
 esac

@@ -26,6 +26,8 @@ average (a CPU measurement taken while the 1-minute load average is >= 1.0 is ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -51,16 +53,17 @@ from PIL import Image
 from anomaly_rl.data.datamodule import PromptBatch
 from anomaly_rl.data.records import Sample
 from anomaly_rl.data.synthetic import CATEGORIES, SyntheticConfig, render
-from anomaly_rl.grpo.batches import ResumableBatches
-from anomaly_rl.grpo.module import GRPOModule, GRPOSettings
-from anomaly_rl.grpo.prompts import frame_of
+from anomaly_rl.grpo.module import GRPOModule
 from anomaly_rl.models.loading import apply_finetuning, load_model_and_processor, resolve_model_dir
 from anomaly_rl.models.processing import never_sampled_token_ids, stop_token_ids, unwrap_model
 from anomaly_rl.models.processor import ImageOnlyQwenVLProcessor, fixed_size_image_processor
+from anomaly_rl.rollout.backends import make_rollout_backend
 from anomaly_rl.rollout.logprobs import make_reference, needs_reference_copy, reference_context
 from anomaly_rl.schemas.base import Schema
 from anomaly_rl.schemas.config import load_schema
 from anomaly_rl.schemas.parsed import ParsedResponse
+from anomaly_rl.training.batches import ResumableBatches
+from anomaly_rl.training.prompts import frame_of
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "experiments" / "bench" / "results"
@@ -95,8 +98,26 @@ QWEN2_5_VL_3B_VISION: dict[str, Any] = {
 }
 
 
+# Our sides and the rollout backend each runs (anomaly_rl.rollout.backends, `algo.rollout_backend`).
+OUR_SIDES: dict[str, str] = {"ours": "eager", "ours_static": "static"}
+
+
 class BenchSetupError(ValueError):
     """Command-line settings that cannot give a fair comparison."""
+
+
+def grpo_settings(**values: Any) -> Any:
+    """GRPOSettings for the benchmark: conf/algo/grpo.yaml (the paper's values) with `values`,
+    AdamW(lr 1e-5, no decay) and no dynamic sampling on top."""
+    import hydra
+
+    def adamw(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+
+    settings = hydra.utils.instantiate(OmegaConf.load(ROOT / "conf" / "algo" / "grpo.yaml"))
+    names = {f.name for f in dataclasses.fields(settings)}
+    values = {**values, "optimizer": adamw, "dynamic_sampling": dataclasses.replace(settings.dynamic_sampling, enabled=False)}
+    return dataclasses.replace(settings, **{k: v for k, v in values.items() if k in names})
 
 
 # --------------------------------------------------------------------------- models
@@ -326,13 +347,18 @@ def run_ours(
     samples: list[Sample],
     images: dict[str, Image.Image],
     workdir: Path,
+    side: str = "ours",
 ) -> dict[str, Any]:
-    """GRPOModule.training_step under a minimal Lightning Trainer: the production step, unchanged."""
-    built, build_s = timed_build(args, device, "ours")
+    """GRPOModule.training_step under a minimal Lightning Trainer: the production step, unchanged.
+
+    `side` picks our rollout backend (OUR_SIDES): "ours" the eager loop, "ours_static" the static
+    KV cache with the decode step replayed from a CUDA graph on a GPU.
+    """
+    built, build_s = timed_build(args, device, side)
     fingerprint = weight_fingerprint(built.model)
     model = built.model
     frozen = make_reference(model) if needs_reference_copy(model) else None
-    settings = GRPOSettings(
+    settings = grpo_settings(
         group_size=args.group,
         prompts_per_step=args.prompts,
         temperature=TEMPERATURE,
@@ -343,17 +369,25 @@ def run_ours(
         mini_batches=1,
         max_steps=args.warmup + args.steps,
         lr_schedule="constant",
+        warmup_steps=0,
         logprob_chunk_size=args.logprob_chunk_size,
         log_samples_every=0,
-        optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=LEARNING_RATE, weight_decay=0.0),
     )
 
     def collate(batch: list[Sample]) -> PromptBatch:
         return PromptBatch(samples=batch, images=[images[s.image_path] for s in batch], references=[[] for _ in batch])
 
     batches = ResumableBatches(samples, args.prompts, args.seed, collate)
+    backend = make_rollout_backend(OUR_SIDES[side])
     module = GRPOModule(
-        model, built.processor, schema, our_reward, batches, settings, lambda: reference_context(model, frozen)
+        model,
+        built.processor,
+        schema,
+        our_reward,
+        batches,
+        settings,
+        lambda: reference_context(model, frozen),
+        rollout_backend=backend,
     )
     # Forced length: no stop token ends a response, and none is drawn (TRL's min_new_tokens masks
     # them the same way), so every row decodes exactly L tokens.
@@ -362,7 +396,7 @@ def run_ours(
     module.suppress_token_ids = sorted(set(module.suppress_token_ids) | set(stops))
     # The module makes its sampling generator on the policy's device itself (torch.multinomial needs
     # one there), seeded from the batches' seed.
-    clock = StepClock(device, "ours")
+    clock = StepClock(device, side)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -375,14 +409,18 @@ def run_ours(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[LightningClock(clock)],
-        default_root_dir=str(workdir / "ours"),
+        default_root_dir=str(workdir / side),
     )
     _reset_peak(device)
     trainer.fit(module)
     lengths = [(h["train/completion_length_mean"], h["train/completion_length_max"]) for h in module.history]
     forced = all(mean == args.tokens and top == args.tokens for mean, top in lengths)
-    result = summarise("ours", clock.times, args, device, fingerprint, forced)
+    result = summarise(side, clock.times, args, device, fingerprint, forced)
     result["build_s"] = build_s
+    result["rollout_backend"] = OUR_SIDES[side]
+    last_run = getattr(backend, "last_run", None)
+    if last_run is not None:  # the static backend says whether its decode steps ran from a CUDA graph
+        result["static_last_run"] = dataclasses.asdict(last_run)
     # The module's own timers (rollout = prompts + vision + sampling; update = reference and policy
     # log-probs, backward, optimiser step): a check of the callback's numbers and a breakdown.
     for key in ("step_s", "rollout_s", "score_s", "update_s"):
@@ -569,15 +607,16 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['workload']}")
     for side, r in sides.items():
         if "error" in r:
-            print(f"{side:5s} FAILED: {r['error']}")
+            print(f"{side:11s} FAILED: {r['error']}")
             continue
         memory = f", peak GPU {r['peak_gpu_memory_gib']:.1f} GiB" if "peak_gpu_memory_gib" in r else ""
         print(
-            f"{side:5s} median {r['median_step_s']:.3f} s/step, {r['completions_per_s']:.1f} completions/s, "
+            f"{side:11s} median {r['median_step_s']:.3f} s/step, {r['completions_per_s']:.1f} completions/s, "
             f"{r['completion_tokens_per_s']:.0f} tokens/s, forced length ok: {r['forced_length_ok']}{memory}"
         )
-    if "trl_over_ours" in report:
-        print(f"TRL / ours median step time: {report['trl_over_ours']:.2f}x")
+    for key in ("trl_over_ours", "trl_over_ours_static", "eager_over_static"):
+        if key in report:
+            print(f"{key.replace('_over_', ' / ')} median step time: {report[key]:.2f}x")
     print(f"load average at start: {report['loadavg_start']}  contended: {report['contended']}")
 
 
@@ -597,7 +636,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune", choices=["full", "lora"], default=None, help="default: the model yaml's")
     parser.add_argument("--logprob-chunk-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--sides", default="ours,trl", help="comma-separated subset of ours,trl")
+    parser.add_argument(
+        "--sides", default="ours,trl", help="comma-separated subset of ours (eager rollout), ours_static, trl"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=".cache/tiny_models", help="tiny model cache (repo-relative)")
@@ -611,8 +652,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.beta <= 0:
         parser.error("--beta must be > 0: the benchmark includes the reference pass")
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if not args.sides or set(args.sides) - {"ours", "trl"}:
-        parser.error("--sides takes ours, trl or both")
+    if not args.sides or set(args.sides) - {*OUR_SIDES, "trl"}:
+        parser.error(f"--sides takes a subset of {', '.join([*OUR_SIDES, 'trl'])}")
     return args
 
 
@@ -625,7 +666,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     schema = load_schema("adfm")
     # Distinct records for every step of each side; both sides draw from the same list.
     samples, images = make_data(args.image_size, args.prompts * (args.warmup + args.steps))
-    runners: dict[str, Callable[..., dict[str, Any]]] = {"ours": run_ours, "trl": run_trl}
+    runners: dict[str, Callable[..., dict[str, Any]]] = {
+        **{side: functools.partial(run_ours, side=side) for side in OUR_SIDES},
+        "trl": run_trl,
+    }
     report: dict[str, Any] = {
         "command": command_line(),
         "machine": machine(device),
@@ -655,9 +699,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             _free(device)  # the side's models are unreachable once its runner returns
             write_report(report, out)  # after each side: a run cut short still leaves what it measured
     sides = report["sides"]
-    if all("median_step_s" in sides.get(s, {}) for s in ("ours", "trl")):
-        report["trl_over_ours"] = sides["trl"]["median_step_s"] / sides["ours"]["median_step_s"]
-        report["same_start_weights"] = sides["trl"]["weight_fingerprint"] == sides["ours"]["weight_fingerprint"]
+    for ours in OUR_SIDES:
+        suffix = "" if ours == "ours" else ours.removeprefix("ours")
+        if all("median_step_s" in sides.get(s, {}) for s in (ours, "trl")):
+            report[f"trl_over_{ours}"] = sides["trl"]["median_step_s"] / sides[ours]["median_step_s"]
+            report[f"same_start_weights{suffix}"] = (
+                sides["trl"]["weight_fingerprint"] == sides[ours]["weight_fingerprint"]
+            )
+    if all("median_step_s" in sides.get(s, {}) for s in OUR_SIDES):
+        report["eager_over_static"] = sides["ours"]["median_step_s"] / sides["ours_static"]["median_step_s"]
     report["loadavg_end"] = list(os.getloadavg())
     write_report(report, out)
     print_table(report)

@@ -9,8 +9,9 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import OmegaConf
 
-from anomaly_rl.data.datamodule import AnomalyDataModule, PromptBatch
+from anomaly_rl.data.datamodule import AnomalyDataModule, PromptBatch, load_prompt_batch
 from anomaly_rl.data.errors import DataError
+from anomaly_rl.training.batches import ResumableBatches
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 
@@ -38,31 +39,30 @@ def test_configs_compose_and_name_every_knob() -> None:
 
 
 def test_batches(tiny_synthetic: Path, tiny_synthetic_config) -> None:
-    dm = synthetic_module(tiny_synthetic, tiny_synthetic_config, batch_size=3, eval_batch_size=5, num_references=2,
-                          val_size=2, train_anomalous_fraction=0.5)
+    """Training batches are drawn by ResumableBatches from the datamodule's samples and loaded by
+    its own loader; evaluation reads the splits in order."""
+    dm = synthetic_module(tiny_synthetic, tiny_synthetic_config, num_references=2, val_size=2,
+                          train_anomalous_fraction=0.5)
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.val_samples) == 8 and len(dm.skipped) == 0
     assert Counter(s.label for s in dm.train_samples) == {"normal": 16, "anomalous": 16}
-    batches = list(dm.train_dataloader())
-    assert len(batches) == 32 // 3  # drop_last is on in the synthetic config
-    batch = batches[0]
+    batches = ResumableBatches(dm.train_samples, 3, 0, load_prompt_batch)
+    batch = next(iter(batches))
     assert isinstance(batch, PromptBatch) and len(batch) == 3
     for sample, image, refs in zip(batch.samples, batch.images, batch.references, strict=True):
         assert image.mode == "RGB" and image.size == sample.image_size == (64, 64)
         assert len(refs) == 2 and all(r.mode == "RGB" for r in refs)
     assert move_data_to_device(batch, "cpu") is batch  # Lightning's transfer leaves it alone
-    seen = [s.image_path for b in dm.test_dataloader() for s in b.samples]
-    assert seen == [s.image_path for s in dm.test_samples]  # evaluation is unshuffled and complete
 
 
-def test_train_order_is_seeded(tiny_synthetic: Path, tiny_synthetic_config) -> None:
-    def order(seed: int) -> list[str]:
-        dm = synthetic_module(tiny_synthetic, tiny_synthetic_config, seed=seed, batch_size=4, val_size=2)
+def test_splits_are_seeded(tiny_synthetic: Path, tiny_synthetic_config) -> None:
+    def validation(seed: int) -> list[str]:
+        dm = synthetic_module(tiny_synthetic, tiny_synthetic_config, seed=seed, val_size=2)
         dm.setup()
-        return [s.image_path for b in dm.train_dataloader() for s in b.samples]
+        return [s.image_path for s in dm.val_samples]
 
-    assert order(0) == order(0) and order(0) != order(1)
+    assert validation(0) == validation(0) and validation(0) != validation(1)
 
 
 def test_generates_when_root_is_missing(tmp_path: Path, tiny_synthetic_config) -> None:
@@ -75,13 +75,12 @@ def test_generates_when_root_is_missing(tmp_path: Path, tiny_synthetic_config) -
 
 
 def test_real_sample_few_shot(mvtec_sample: Path) -> None:
-    dm = instantiate(compose("mvtec", root=str(mvtec_sample), shots=2, num_references=1, num_workers=0,
-                             batch_size=4).data)
+    dm = instantiate(compose("mvtec", root=str(mvtec_sample), shots=2, num_references=1).data)
     dm.setup()
     assert Counter((s.category, s.label) for s in dm.train_samples) == {
         ("bottle", "normal"): 2, ("bottle", "anomalous"): 2, ("grid", "normal"): 2, ("grid", "anomalous"): 2}
     assert len(dm.test_samples) == 5 + 18 - 2 + 3 + 11 - 2
-    batch = next(iter(dm.train_dataloader()))
+    batch = load_prompt_batch(dm.train_samples[:4])
     assert all(image.size == s.image_size and image.mode == "RGB" for s, image in zip(batch.samples, batch.images,
                                                                                       strict=True))
 

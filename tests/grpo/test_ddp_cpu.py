@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.training.batches import ResumableBatches
 from tests.small_run import CONF, SMALL, compose_config
 
 REPO = CONF.parent

@@ -47,10 +47,10 @@ def _module(tmp_path: Path, reward: Any, max_rounds: int) -> Any:
     import hydra
 
     from anomaly_rl.data.datamodule import AnomalyDataModule
-    from anomaly_rl.evaluation.runner import load_batch
-    from anomaly_rl.grpo.batches import ResumableBatches
+    from anomaly_rl.data.datamodule import load_prompt_batch as load_batch
     from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.models.loading import load_model_and_processor
+    from anomaly_rl.training.batches import ResumableBatches
 
     cfg = compose_small_run(tmp_path, "dyn", [])
     datamodule: AnomalyDataModule = hydra.utils.instantiate(cfg.data)

@@ -54,7 +54,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import anomaly_rl.grpo.module as module
-    from anomaly_rl.grpo.errors import NonFiniteLossError
+    from anomaly_rl.training.errors import NonFiniteLossError
 
     real_loss = module.policy_loss
     calls = {"n": 0}
@@ -82,12 +82,12 @@ def test_grpo_raises_the_reward_of_a_fixed_batch(tmp_path: Path) -> None:
     import lightning as L
 
     from anomaly_rl.data.datamodule import AnomalyDataModule
-    from anomaly_rl.evaluation.runner import load_batch
-    from anomaly_rl.grpo.batches import ResumableBatches
+    from anomaly_rl.data.datamodule import load_prompt_batch as load_batch
     from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.models.loading import load_model_and_processor
     from anomaly_rl.rollout.logprobs import make_reference, reference_context
     from anomaly_rl.schemas.adfm import AdfmSchema
+    from anomaly_rl.training.batches import ResumableBatches
 
     cfg = compose_run(tmp_path, "fixed", [])
     datamodule: AnomalyDataModule = hydra.utils.instantiate(cfg.data)

@@ -53,7 +53,7 @@ def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(
     weights, and the next periodic checkpoint overwrote last.ckpt with them.
     """
     import anomaly_rl.grpo.module as module
-    from anomaly_rl.grpo.errors import NonFiniteGradientError
+    from anomaly_rl.training.errors import NonFiniteGradientError
 
     real_loss = module.policy_loss
     calls = {"n": 0}
@@ -79,7 +79,7 @@ def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path: Path) -> None:
     from anomaly_rl.callbacks import StepCheckpoint
-    from anomaly_rl.grpo.errors import NonFiniteWeightsError
+    from anomaly_rl.training.errors import NonFiniteWeightsError
 
     layer = torch.nn.Linear(2, 2)
     saved: list[Path] = []
@@ -167,11 +167,11 @@ def test_lora_reference_sees_images_through_the_base_vision_tower(tmp_path: Path
     import lightning as L
 
     import anomaly_rl.grpo.module as grpo_module
-    from anomaly_rl.evaluation.runner import load_batch
-    from anomaly_rl.grpo.batches import ResumableBatches
+    from anomaly_rl.data.datamodule import load_prompt_batch as load_batch
     from anomaly_rl.grpo.module import GRPOModule, reference_shares_image_features
     from anomaly_rl.models.loading import load_model_and_processor
     from anomaly_rl.rollout.logprobs import reference_context
+    from anomaly_rl.training.batches import ResumableBatches
     from tests.grpo.test_step_reference import plain_token_logprobs
 
     cfg = compose_small_run(tmp_path, "lora", ["model.finetune=lora", "model.freeze_vision=false", "model.lora.r=4"])

@@ -335,7 +335,8 @@ def test_properties(n: int, width: int, seed: int, spread: float, beta: float, l
     )
     assert torch.isfinite(loss)
     assert all(torch.isfinite(v).all() for v in stats.values())
-    assert stats["kl"].item() >= 0.0
+    # k3 = exp(d) - d - 1 >= 0 exactly; in float32 it rounds to about -1e-8 where d is ~1e-4.
+    assert stats["kl"].item() >= -1e-6
     assert 0.0 <= stats["clip_fraction"].item() <= 1.0
     assert stats["clip_fraction"].item() == pytest.approx(
         stats["clip_low_fraction"].item() + stats["clip_high_fraction"].item()

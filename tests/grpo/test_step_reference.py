@@ -79,11 +79,11 @@ def _run_module_step(
     import lightning as L
 
     import anomaly_rl.grpo.module as grpo_module
-    from anomaly_rl.evaluation.runner import load_batch
-    from anomaly_rl.grpo.batches import ResumableBatches
+    from anomaly_rl.data.datamodule import load_prompt_batch as load_batch
     from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.rollout.logprobs import make_reference, reference_context
     from anomaly_rl.rollout.transformers_backend import TransformersBackend
+    from anomaly_rl.training.batches import ResumableBatches
 
     base_model, processor, schema, samples = small_model
     model = copy.deepcopy(base_model)

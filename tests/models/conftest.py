@@ -46,3 +46,9 @@ def small_dir(tmp_path_factory: pytest.TempPathFactory, small_spec: TinyModelSpe
     return tiny_model_dir(small_spec, tmp_path_factory.mktemp("tiny_models"), corpus_fn=_fallback_corpus)
 
 
+@pytest.fixture(scope="session")
+def fake_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random Qwen2.5-VL laid out like the downloaded Qwen/Qwen2.5-VL-3B-Instruct folder."""
+    from tests.models.qwen_checkpoint import build_fake_qwen2_5_vl
+
+    return build_fake_qwen2_5_vl(tmp_path_factory.mktemp("hub") / "Qwen2.5-VL-3B-Instruct")

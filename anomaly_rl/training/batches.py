@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from anomaly_rl.data.records import Sample
-from anomaly_rl.grpo.distributed import rank_prompt_positions
+from anomaly_rl.training.distributed import rank_prompt_positions
 
 BatchT = TypeVar("BatchT")
 

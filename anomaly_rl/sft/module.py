@@ -3,7 +3,7 @@
 A from-scratch tiny model cannot be sampled into a valid three-stage answer; GRPO needs a policy
 whose samples already parse. Real checkpoints may skip this (`warm_start.enabled=false`).
 
-Data parallel like GRPO (`grpo/distributed.py`): `batch_size` is the global batch, each process
+Data parallel like GRPO (`training/distributed.py`): `batch_size` is the global batch, each process
 takes its slice, and the gradients are combined weighted by token counts, which gives the
 gradient of the single-process per-token mean.
 """
@@ -17,8 +17,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from anomaly_rl.grpo.batches import ResumableBatches
-from anomaly_rl.grpo.distributed import (
+from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
+from anomaly_rl.schemas.base import Schema
+from anomaly_rl.sft.settings import SFTSettings
+from anomaly_rl.training.batches import ResumableBatches
+from anomaly_rl.training.distributed import (
     check_divisible,
     loss_weight,
     own_process_state,
@@ -28,13 +31,10 @@ from anomaly_rl.grpo.distributed import (
     weighted_mean_over_ranks,
     world_size,
 )
-from anomaly_rl.grpo.prompts import prepare_prompts
-from anomaly_rl.grpo.rng import as_tuples, capture_rng, restore_rng
-from anomaly_rl.grpo.schedule import lr_factor
-from anomaly_rl.grpo.settings import SFTSettings
-from anomaly_rl.grpo.update import optimizer_update
-from anomaly_rl.rollout.logprobs import completion_logprobs, tokenize_completions
-from anomaly_rl.schemas.base import Schema
+from anomaly_rl.training.prompts import prepare_prompts
+from anomaly_rl.training.rng import as_tuples, capture_rng, restore_rng
+from anomaly_rl.training.schedule import lr_factor
+from anomaly_rl.training.update import optimizer_update
 
 
 class SFTModule(L.LightningModule):

@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anomaly_rl.grpo import distributed as D
-from anomaly_rl.grpo.batches import ResumableBatches
+from anomaly_rl.training import distributed as D
 from anomaly_rl.grpo.loss import policy_loss
+from anomaly_rl.training.batches import ResumableBatches
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -274,7 +274,7 @@ def test_collectives_in_two_gloo_processes(tmp_path: Path) -> None:
     init = tmp_path / "init"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.grpo.test_distributed", str(r), str(init), str(tmp_path)],
+            [sys.executable, "-m", "tests.training.test_distributed", str(r), str(init), str(tmp_path)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for r in (0, 1)

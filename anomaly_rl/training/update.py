@@ -10,18 +10,29 @@ collective while the others stop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from anomaly_rl.grpo.distributed import (
+from anomaly_rl.training.distributed import (
     all_reduce_gradients,
     any_rank,
     no_backward_sync,
     reduces_gradients_here,
 )
-from anomaly_rl.grpo.errors import NonFiniteGradientError, NonFiniteLossError
+from anomaly_rl.training.errors import NonFiniteGradientError, NonFiniteLossError
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+"""What `_partial_: true` optimiser configs instantiate to: parameters -> optimiser."""
+
+
+def optimizer_checks(optimizer: Any) -> list[tuple[bool, str]]:
+    """The learning rate of a `_partial_` optimiser (a functools.partial), when it names one."""
+    lr = getattr(optimizer, "keywords", {}).get("lr")
+    if lr is None:
+        return []
+    return [(float(lr) > 0, f"optimizer.lr must be > 0, got {lr}")]
 
 
 def check_finite_loss(loss: torch.Tensor, where: str) -> None:

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on the schema's rendered targets: the warm start, SFT runs, the control."""
