@@ -26,6 +26,7 @@ import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from peft import PeftModel
 
 from anomaly_rl.callbacks import UNBOUNDED_STEPS, StepCheckpoint
 from anomaly_rl.checkpoints import weights_folder
@@ -38,7 +39,7 @@ from anomaly_rl.grpo.module import GRPOModule
 from anomaly_rl.grpo.settings import GRPOSettings
 from anomaly_rl.models.loading import load_model_and_processor
 from anomaly_rl.models.processing import unwrap_model
-from anomaly_rl.models.weights import load_policy_weights, save_policy
+from anomaly_rl.models.weights import bake_adapter, load_policy_weights, save_policy
 from anomaly_rl.rollout.backends import make_rollout_backend
 from anomaly_rl.rollout.logprobs import make_reference, needs_reference_copy, reference_context
 from anomaly_rl.sft.module import SFTModule
@@ -282,6 +283,27 @@ def _shipped_warm_start(cfg: DictConfig) -> tuple[Path | None, bool]:
     return folder, False
 
 
+def _kl_anchor(
+    cfg: DictConfig, model: torch.nn.Module, state: RunState, run_dir: Path, init_folder: Path | None
+) -> Path | None:
+    """The saved adapter to fold into the base weights before GRPO (`model.lora.merge_warm_start`).
+
+    Under LoRA, GRPO's reference is the policy with its adapter switched off: the pretrained model,
+    not the warm start. Folding the warm-start adapter into the base weights (and training a fresh
+    adapter on top) makes the reference the warm start, as under full fine-tuning.
+    """
+    if not cfg.model.get("lora", {}).get("merge_warm_start", False):
+        return None
+    if not isinstance(model, PeftModel):
+        log.warning("model.lora.merge_warm_start=true does nothing under model.finetune=full: the reference "
+                    "is always a frozen copy of the start of GRPO there")
+        return None
+    source = run_dir / "sft" if state.done("sft") else init_folder
+    if source is None:
+        log.info("model.lora.merge_warm_start: no warm start or init_from adapter to fold in")
+    return source
+
+
 def _check_init_from(init_from: str | None) -> Path | None:
     if not init_from:
         return None
@@ -375,6 +397,11 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
             state.finish("sft", 0.0)
         elif warm_start and (train_warm_start or state.done("sft")):  # state.done: reloaded, not retrained
             run_sft("sft", warm_start_settings)
+        anchor = _kl_anchor(cfg, model, state, run_dir, init_folder)
+        if anchor is not None:
+            # The KL then pulls towards the warm start, not the pretrained model (README: KL under LoRA).
+            log.info("model.lora.merge_warm_start: folding the adapter of %s into the base weights", anchor)
+            bake_adapter(model, anchor)
         start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cfg.eval.before_grpo:
             evaluate_row("start")

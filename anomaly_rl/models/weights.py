@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -34,6 +35,9 @@ META_FILE = "meta.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_NAME = "default"  # peft's name for the one adapter a run trains
+
+BAKED_DIR = "baked"  # adapters folded into the base weights before this one was trained, in order
+BAKED_ATTRIBUTE = "anomaly_rl_baked_adapters"  # on the PeftModel: the folders of those adapters
 
 # Set by `load_model_and_processor` on the transformers model (a plain attribute: never written to
 # config.json), so that `save_policy` records which `model.name` its weights belong to without
@@ -147,6 +151,7 @@ def save_policy(model: torch.nn.Module, processor: Any, folder: str | Path, mode
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         save_adapter(model, folder)
+        _save_baked(model, folder)
         stale = [folder / WEIGHTS_FILE]
     else:
         tmp = folder / (WEIGHTS_FILE + ".tmp")
@@ -204,8 +209,63 @@ def load_policy_weights(model: torch.nn.Module, folder: str | Path, processor: A
             f"or {WEIGHTS_FILE}, as written by `anomaly_rl.train` into a run's `final/` or `sft/` folder"
         )
     if found == "adapter":
+        already = getattr(model, BAKED_ATTRIBUTE, [])
+        for index, baked in enumerate(_baked_folders(folder)):  # the adapters under this one, folded in first
+            if index < len(already):
+                if _adapter_digest(already[index]) != _adapter_digest(baked):
+                    raise WeightsMismatchError(
+                        f"{folder} was trained on top of the adapter in {baked}, but this model has "
+                        f"another one folded into its weights ({already[index]}): load it into a fresh model"
+                    )
+                continue  # folded in already (this process baked it before training)
+            _load_adapter(model, baked)
+            bake_adapter(model, baked)
         return _load_adapter(model, folder)
     return _load_state_dict(model, folder / WEIGHTS_FILE)
+
+
+def bake_adapter(model: PeftModel, saved_in: str | Path) -> None:
+    """Fold the LoRA adapter into the base weights, in place, and restart it from its initial state
+    (B = 0), so that the policy is unchanged and the adapter-off model — GRPO's reference under
+    LoRA — becomes this policy instead of the pretrained model.
+
+    `saved_in` is the folder the adapter was saved in (a `save_policy` folder): later saves of this
+    model copy it under `baked/`, so that loading them folds the same adapter in first.
+    Not peft's `merge_adapter`, which `disable_adapter` would undo.
+    """
+    if not isinstance(model, PeftModel):
+        raise WeightsMismatchError("only a LoRA policy (model.finetune=lora) has an adapter to fold in")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+                base = module.get_base_layer()
+                base.weight += module.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
+                module.reset_lora_parameters(ADAPTER_NAME, init_lora_weights=True)
+    setattr(model, BAKED_ATTRIBUTE, [*getattr(model, BAKED_ATTRIBUTE, []), Path(saved_in)])
+
+
+def _adapter_digest(folder: str | Path) -> str:
+    return hashlib.sha256((Path(folder) / ADAPTER_WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+def _baked_folders(folder: Path) -> list[Path]:
+    root = folder / BAKED_DIR
+    return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: int(p.name)) if root.is_dir() else []
+
+
+def _save_baked(model: PeftModel, folder: Path) -> None:
+    """Copy the adapters folded into `model`'s base weights under `folder/baked/<i>/`, in order."""
+    target = folder / BAKED_DIR
+    sources = getattr(model, BAKED_ATTRIBUTE, [])
+    if target.exists() and all(not str(s).startswith(str(target)) for s in sources):
+        shutil.rmtree(target)
+    for index, source in enumerate(sources):
+        dest = target / str(index)
+        if Path(source).resolve() == dest.resolve():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+            shutil.copyfile(Path(source) / name, dest / name)
 
 
 def _load_state_dict(model: torch.nn.Module, path: Path) -> int:
