@@ -19,8 +19,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anomaly_rl.training import distributed as D
 from anomaly_rl.grpo.loss import policy_loss
+from anomaly_rl.training import distributed as D
 from anomaly_rl.training.batches import ResumableBatches
 
 REPO = Path(__file__).resolve().parents[2]
