@@ -19,33 +19,59 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anomaly_rl.checkpoints import load_trained_policy, run_model_config
+from anomaly_rl.checkpoints import load_trained_policy, run_config, run_model_config
 from anomaly_rl.data.leakage import LEAKAGE_CKPT_REPORT, LeakageSettings, check_against_run
+from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
 from anomaly_rl.evaluation.report import metrics_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder, split_samples
 from anomaly_rl.utils.task import save_resolved_config, task_wrapper
 
 log = logging.getLogger("anomaly_rl")
+DEFAULT_MAX_NEW_TOKENS = 64  # the tiny default's evaluation length, when neither the user nor a run sets one
+
+
+def _run_settings(cfg: DictConfig) -> None:
+    """With `ckpt`: the run's model (so its weights fit), its prompt wording (`schema`: the same
+    weights asked in another wording answer worse) and, unless `eval.max_new_tokens` is set, its
+    evaluation length (512 in the real recipes; a shorter budget cuts answers off)."""
+    with open_dict(cfg):
+        if not cfg.get("ckpt"):
+            if cfg.eval.get("max_new_tokens") is None:
+                cfg.eval.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+            return
+        cfg.model = run_model_config(cfg.ckpt, cfg.model)
+        run = run_config(cfg.ckpt)
+        if run is not None and "schema" in run:
+            cfg.schema = run.schema
+        if cfg.eval.get("max_new_tokens") is None:
+            trained = OmegaConf.select(run, "eval.max_new_tokens") if run is not None else None
+            cfg.eval.max_new_tokens = int(trained) if trained is not None else DEFAULT_MAX_NEW_TOKENS
+
+
+def is_mmad(data_cfg: DictConfig) -> bool:
+    """True when `data` is the MMAD benchmark (its questions, not a train/test split)."""
+    from anomaly_rl.data.mmad import read_mmad
+
+    return "_target_" in data_cfg and hydra.utils.get_method(str(data_cfg._target_)) is read_mmad
 
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
-    if cfg.get("ckpt"):
-        # The run's own model config, so its weights fit; recorded below as the model evaluated.
-        with open_dict(cfg):
-            cfg.model = run_model_config(cfg.ckpt, cfg.model)
+    _run_settings(cfg)
     save_resolved_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
+    placement = placement_trainer(cfg.trainer)  # evaluation runs where `trainer=` says (gpu: bf16 on the GPU)
     # The data is read and checked for leakage before the model is loaded (minutes for a real one).
-    if str(cfg.data.get("reader", "")) == "mmad" or "read_mmad" in str(cfg.data.get("_target_", "")):
+    if is_mmad(cfg.data):
         from anomaly_rl.evaluation.mmad_runner import evaluate_mmad, prepare_mmad
 
         data = prepare_mmad(cfg, out_dir)
         model, processor = load_trained_policy(cfg.model, cfg.get("ckpt"))
-        return evaluate_mmad(model, processor, hydra.utils.instantiate(cfg.schema), cfg, out_dir, data=data)
+        with on_accelerator(model, placement):
+            return evaluate_mmad(model, processor, hydra.utils.instantiate(cfg.schema), cfg, out_dir, data=data)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("test")
     if hasattr(datamodule, "write_image_records"):
@@ -58,11 +84,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     model, processor = load_trained_policy(cfg.model, cfg.get("ckpt"))
     schema = hydra.utils.instantiate(cfg.schema)
-    metrics = evaluate_to_folder(
-        model, processor, schema, datamodule, out_dir,
-        split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
-        max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
-    )
+    with on_accelerator(model, placement):
+        metrics = evaluate_to_folder(
+            model, processor, schema, datamodule, out_dir,
+            split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
+            max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
+        )
     print(metrics_markdown(metrics))
     log.info("evaluation written to %s", out_dir)
     return metrics

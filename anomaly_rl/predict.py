@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from anomaly_rl.checkpoints import load_trained_policy, run_config, run_model_config
 from anomaly_rl.data.files import image_size as read_image_size
 from anomaly_rl.data.records import Sample
+from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
 from anomaly_rl.evaluation.runner import predict as predict_samples
 from anomaly_rl.utils.task import task_wrapper, write_json
 
@@ -65,9 +66,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         mask_path=None, boxes=(), image_size=read_image_size(image_path), split="predict",
         reference_paths=references,
     )
-    [prediction] = predict_samples(
-        model, processor, schema, [sample], batch_size=1, max_new_tokens=max_new_tokens, progress=False
-    )
+    with on_accelerator(model, placement_trainer(cfg.trainer)):
+        [prediction] = predict_samples(
+            model, processor, schema, [sample], batch_size=1, max_new_tokens=max_new_tokens, progress=False
+        )
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "prediction.png"
     draw_boxes(image_path, prediction["pred_boxes"], out)
     decision = {"a": "anomalous", "b": "normal"}.get(prediction["answer"] or "", "undecided")

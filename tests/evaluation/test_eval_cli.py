@@ -287,3 +287,25 @@ def test_draw_boxes_outlines_exclusive_edge_boxes_in_original_pixels(tmp_path: P
     expected[5:25, 10] = expected[5:25, 29] = True
     assert np.array_equal(red, expected)
     assert np.all(pixels[~red] == 128), "nothing but the outline changes"
+
+
+def test_evaluating_a_run_asks_in_its_wording_at_its_length(tmp_path: Path) -> None:
+    """`evaluate ckpt=RUN` takes the run's model, schema and evaluation length (unless set)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from anomaly_rl.evaluate import _run_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        trained = compose("train", overrides=["+experiment=mvtec_fewshot"])
+        OmegaConf.save(trained, run / "config.yaml")
+        for overrides, tokens in (([f"ckpt={run}"], 512), ([f"ckpt={run}", "eval.max_new_tokens=100"], 100), ([], 64)):
+            cfg = compose("eval", overrides=overrides)
+            _run_settings(cfg)
+            assert cfg.eval.max_new_tokens == tokens
+            assert cfg.schema.style == ("instruction" if overrides else "short")
+            assert cfg.model.name == ("qwen2_5_vl_3b" if overrides else "tiny")
