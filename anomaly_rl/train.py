@@ -37,7 +37,7 @@ from anomaly_rl.evaluation.runner import evaluate_to_folder, median_box_baseline
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
 from anomaly_rl.grpo.module import GRPOModule
 from anomaly_rl.grpo.settings import GRPOSettings
-from anomaly_rl.models.loading import load_model_and_processor
+from anomaly_rl.models.loading import check_model_folder, load_model_and_processor
 from anomaly_rl.models.processing import unwrap_model
 from anomaly_rl.models.weights import bake_adapter, load_policy_weights, save_policy
 from anomaly_rl.rollout.backends import make_rollout_backend
@@ -70,6 +70,8 @@ def preflight(cfg: DictConfig) -> None:
         missing.append(f"data.root=<folder of the {cfg.data.get('reader', 'dataset')} dataset>")
     if missing:
         raise MissingSettingError("this configuration needs: " + "; ".join(missing))
+    if cfg.model.get("path"):  # a wrong folder fails now, not after the dataset has been read
+        check_model_folder(cfg.model)
 
 
 class RunState:

@@ -60,3 +60,17 @@ def test_no_checkpoint_trains_the_warm_start(tmp_path: Path, caplog: pytest.LogC
     with caplog.at_level(logging.WARNING, logger="anomaly_rl"):
         assert _shipped_warm_start(train_cfg(f"warm_start.checkpoint={tmp_path}")) == (None, True)
     assert "holds no trained weights" in caplog.text
+
+
+def test_a_wrong_model_folder_fails_before_the_data_is_read(tmp_path: Path) -> None:
+    from anomaly_rl.models.loading import ModelWeightsNotFoundError
+    from anomaly_rl.train import preflight
+    from tests.small_run import compose_config
+
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    cfg = compose_config("train", tmp_path / "root", tmp_path / "run",
+                         ["model=qwen2_5_vl_3b", f"model.path={empty}", "sizes=paper"])
+    with pytest.raises(ModelWeightsNotFoundError, match="no config.json"):
+        preflight(cfg)
+    assert not (tmp_path / "root" / "data").exists()

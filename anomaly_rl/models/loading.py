@@ -87,6 +87,15 @@ def resolve_model_dir(cfg: Mapping[str, Any]) -> Path:
     return folder
 
 
+def check_model_folder(cfg: Mapping[str, Any]) -> Path:
+    """The model folder `cfg` names, checked without loading anything: it exists, holds a
+    config.json, and that config is of the architecture model.name expects."""
+    folder = resolve_model_dir(cfg)
+    if cfg.get("path"):
+        _check_model_type(folder, str(cfg.get("name")))
+    return folder
+
+
 def checkpoint_dtype(folder: str | Path) -> str:
     """The dtype a checkpoint folder's weights are stored in ("bfloat16" for Qwen's), from its
     config.json (`dtype` since transformers 5, `torch_dtype` before); "float32" when it says none."""
