@@ -89,7 +89,7 @@ def test_eval_config_composes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", ["visa_fewshot", "mvtec_fewshot", "mmad_1shot"])
 def test_real_recipes_without_paths_stop_with_what_to_set(tmp_path: Path, experiment: str) -> None:
-    from anomaly_rl.train import MissingSettingError, preflight
+    from anomaly_rl.phases.settings import MissingSettingError, preflight
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -153,7 +153,7 @@ def test_real_recipes_state_the_papers_settings(tmp_path: Path, experiment: str)
     inherited = [k for k, v in tiny.items() if k != "train_vision" and ours[k] == v]
     assert not inherited, f"{experiment} inherits the tiny default's {inherited}"
     # ... and the training loop accepts every setting as written.
-    from anomaly_rl.train import check_settings
+    from anomaly_rl.phases.settings import check_settings
 
     settings, warm_start = check_settings(cfg, int(hydra.utils.instantiate(cfg.schema).min_new_tokens), 1)
     assert settings.max_new_tokens == 512 and warm_start is None
@@ -191,7 +191,7 @@ def test_tiny_sizes_belong_to_the_default_only(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", ["paper_adfm", "paper_adfm_3b"])
 def test_paper_recipes_without_paths_stop_with_what_to_set(tmp_path: Path, experiment: str) -> None:
-    from anomaly_rl.train import MissingSettingError, preflight
+    from anomaly_rl.phases.settings import MissingSettingError, preflight
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

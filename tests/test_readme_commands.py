@@ -62,6 +62,6 @@ def test_readme_command_composes(entry: str, args: list[str]) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(ROOT_CONFIGS[entry], overrides=_overrides(args))
     if entry == "train":
-        from anomaly_rl.train import check_settings
+        from anomaly_rl.phases.settings import check_settings
 
         check_settings(cfg, min_new_tokens=1, processes=1)

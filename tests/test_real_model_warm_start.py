@@ -1,4 +1,4 @@
-"""The committed tiny warm start belongs to the tiny model: `_shipped_warm_start` loads a warm-start
+"""The committed tiny warm start belongs to the tiny model: `shipped_warm_start` loads a warm-start
 checkpoint only into the model it records, and says what it does otherwise."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from anomaly_rl.train import _shipped_warm_start
+from anomaly_rl.phases.start import shipped_warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 WARM_START = REPO / "experiments" / "warm_start" / "tiny_sft"
@@ -25,7 +25,7 @@ def train_cfg(*overrides: str) -> DictConfig:
 
 
 def test_the_tiny_model_loads_the_committed_warm_start() -> None:
-    assert _shipped_warm_start(train_cfg(f"warm_start.checkpoint={WARM_START}")) == (WARM_START, False)
+    assert shipped_warm_start(train_cfg(f"warm_start.checkpoint={WARM_START}")) == (WARM_START, False)
 
 
 @pytest.mark.parametrize("model", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_vl_2b"])
@@ -34,7 +34,7 @@ def test_a_real_model_neither_loads_nor_trains_the_tiny_warm_start(
 ) -> None:
     cfg = train_cfg(f"model={model}", f"warm_start.checkpoint={WARM_START}")
     with caplog.at_level(logging.WARNING, logger="anomaly_rl"):
-        assert _shipped_warm_start(cfg) == (None, False)
+        assert shipped_warm_start(cfg) == (None, False)
     assert f"trained for model.name=tiny, this run trains model.name={model}" in caplog.text
 
 
@@ -45,26 +45,26 @@ def test_a_warm_start_of_the_runs_own_model_is_loaded(tmp_path: Path) -> None:
     (folder / "adapter_model.safetensors").write_bytes(b"")
     (folder / "meta.json").write_text(json.dumps({"model_name": "qwen2_5_vl_3b"}))
     cfg = train_cfg("model=qwen2_5_vl_3b", f"warm_start.checkpoint={folder}")
-    assert _shipped_warm_start(cfg) == (folder, False)
+    assert shipped_warm_start(cfg) == (folder, False)
 
 
 def test_an_unrecorded_checkpoint_is_loaded_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "weights.pt").write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="anomaly_rl"):
-        assert _shipped_warm_start(train_cfg(f"warm_start.checkpoint={tmp_path}")) == (tmp_path, False)
+        assert shipped_warm_start(train_cfg(f"warm_start.checkpoint={tmp_path}")) == (tmp_path, False)
     assert "does not record which model" in caplog.text
 
 
 def test_no_checkpoint_trains_the_warm_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert _shipped_warm_start(train_cfg("warm_start.checkpoint=null")) == (None, True)
+    assert shipped_warm_start(train_cfg("warm_start.checkpoint=null")) == (None, True)
     with caplog.at_level(logging.WARNING, logger="anomaly_rl"):
-        assert _shipped_warm_start(train_cfg(f"warm_start.checkpoint={tmp_path}")) == (None, True)
+        assert shipped_warm_start(train_cfg(f"warm_start.checkpoint={tmp_path}")) == (None, True)
     assert "holds no trained weights" in caplog.text
 
 
 def test_a_wrong_model_folder_fails_before_the_data_is_read(tmp_path: Path) -> None:
     from anomaly_rl.models.loading import ModelWeightsNotFoundError
-    from anomaly_rl.train import preflight
+    from anomaly_rl.phases.settings import preflight
     from tests.small_run import compose_config
 
     empty = tmp_path / "not_a_model"

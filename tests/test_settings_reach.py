@@ -92,7 +92,7 @@ def fingerprint(obj: Any, depth: int = 0) -> Any:
 
 def build(cfg: DictConfig, group: str) -> Any:
     if group == "warm_start":
-        from anomaly_rl.train import sft_settings
+        from anomaly_rl.phases.settings import sft_settings
 
         return sft_settings(cfg.warm_start)
     return hydra.utils.instantiate(cfg[group])
