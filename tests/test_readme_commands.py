@@ -22,7 +22,7 @@ ROOT_CONFIGS = {
     "train": "train", "evaluate": "eval", "predict": "predict", "score": "score",
     "score_mmad": "score_mmad", "export": "export",
 }
-COMMAND = re.compile(r"python -m anomaly_rl\.(\w+)((?:[ \t]+[^\s`|&;]+)*)")
+COMMAND = re.compile(r"python -m anomaly_rl\.(\w+)((?:[ \t]+(?:<[^<>\n]+>|[^\s`|&;])+)*)")
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
@@ -30,7 +30,10 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     found = []
     for match in COMMAND.finditer(text):
         entry, rest = match.group(1), match.group(2)
-        args = shlex.split(rest)
+        # Placeholders the reader fills in (`<run folder>`) become a path; `# ...` is a comment.
+        args = shlex.split(re.sub(r"<[^<>]+>", "/placeholder", rest), comments=True)
+        if entry == "score" and args[:1] == ["mmad"]:  # `score mmad ...` is score_mmad's command
+            entry, args = "score_mmad", args[1:]
         found.append((entry, args))
     return found
 
