@@ -58,8 +58,7 @@ from anomaly_rl.training.prompts import (
     select_prompts,
 )
 from anomaly_rl.training.rng import capture_rng, restore_rng
-from anomaly_rl.training.schedule import lr_factor
-from anomaly_rl.training.update import optimizer_update
+from anomaly_rl.training.update import optimizer_and_schedule, optimizer_update
 
 log = logging.getLogger("anomaly_rl")
 
@@ -163,21 +162,12 @@ class GRPOModule(L.LightningModule):
         self.policy.train()
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the policy has no trainable parameters (check model.finetune / model.lora)")
-        optimizer = self.settings.optimizer(params)
-        updates_per_step = self.settings.num_iterations * self.settings.mini_batches
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lr_factor(
-                self.settings.warmup_steps * updates_per_step,
-                self.settings.max_steps * updates_per_step,
-                self.settings.lr_schedule,
-                self.settings.min_lr_ratio,
-            ),
+        st = self.settings
+        updates_per_step = st.num_iterations * st.mini_batches  # the schedule counts optimiser updates
+        return optimizer_and_schedule(
+            self.policy, st.optimizer, st.warmup_steps * updates_per_step, st.max_steps * updates_per_step,
+            st.lr_schedule, st.min_lr_ratio,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Bit-identical resume needs every random stream, not only the weights and optimiser.

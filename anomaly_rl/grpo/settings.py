@@ -15,8 +15,7 @@ from anomaly_rl.grpo.advantages import SCALES
 from anomaly_rl.grpo.loss import LOSS_TYPES
 from anomaly_rl.rollout.backends import ROLLOUT_BACKENDS
 from anomaly_rl.training.distributed import check_divisible
-from anomaly_rl.training.schedule import LR_SCHEDULES
-from anomaly_rl.training.update import OptimizerFactory, optimizer_checks
+from anomaly_rl.training.update import OptimizerFactory, phase_checks
 
 
 @dataclass
@@ -91,18 +90,6 @@ class GRPOSettings:
             ),
             (self.advantage_eps >= 0, f"advantage_eps must be >= 0, got {self.advantage_eps}"),
             (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
-            (self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}"),
-            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (
-                self.max_minutes is None or self.max_minutes > 0,
-                f"max_minutes must be null or > 0, got {self.max_minutes}",
-            ),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (
-                self.lr_schedule in LR_SCHEDULES,
-                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
-            ),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"),
             (
                 self.rollout_backend in ROLLOUT_BACKENDS,
@@ -116,8 +103,7 @@ class GRPOSettings:
                 self.log_samples_every >= 0,
                 f"log_samples_every must be >= 0 (0: never), got {self.log_samples_every}",
             ),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            *optimizer_checks(self.optimizer),
+            *phase_checks(self),
         ]
         return [f"{prefix}.{message}" for ok, message in checks if not ok]
 

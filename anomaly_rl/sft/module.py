@@ -33,8 +33,7 @@ from anomaly_rl.training.distributed import (
 )
 from anomaly_rl.training.prompts import prepare_prompts
 from anomaly_rl.training.rng import as_tuples, capture_rng, restore_rng
-from anomaly_rl.training.schedule import lr_factor
-from anomaly_rl.training.update import optimizer_update
+from anomaly_rl.training.update import optimizer_and_schedule, optimizer_update
 
 
 class SFTModule(L.LightningModule):
@@ -75,18 +74,8 @@ class SFTModule(L.LightningModule):
         self.policy.train()
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.settings.optimizer(params)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lr_factor(
-                self.settings.warmup_steps,
-                self.settings.max_steps,
-                self.settings.lr_schedule,
-                self.settings.min_lr_ratio,
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        st = self.settings
+        return optimizer_and_schedule(self.policy, st.optimizer, st.warmup_steps, st.max_steps, st.lr_schedule, st.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["anomaly_rl"] = process_states(

@@ -22,6 +22,7 @@ from anomaly_rl.training.distributed import (
     reduces_gradients_here,
 )
 from anomaly_rl.training.errors import NonFiniteGradientError, NonFiniteLossError
+from anomaly_rl.training.schedule import LR_SCHEDULES, lr_factor
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 """What `_partial_: true` optimiser configs instantiate to: parameters -> optimiser."""
@@ -33,6 +34,22 @@ def optimizer_checks(optimizer: Any) -> list[tuple[bool, str]]:
     if lr is None:
         return []
     return [(float(lr) > 0, f"optimizer.lr must be > 0, got {lr}")]
+
+
+def phase_checks(settings: Any) -> list[tuple[bool, str]]:
+    """The range checks every phase's settings share (step and time budgets, schedule, clipping,
+    checkpoints, learning rate), as (ok, message) pairs without the `algo.` / `warm_start.` prefix."""
+    s = settings
+    return [
+        (s.max_steps >= 1, f"max_steps must be >= 1, got {s.max_steps}"),
+        (s.max_minutes is None or s.max_minutes > 0, f"max_minutes must be null or > 0, got {s.max_minutes}"),
+        (s.warmup_steps >= 0, f"warmup_steps must be >= 0, got {s.warmup_steps}"),
+        (s.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}"),
+        (0 <= s.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}"),
+        (s.max_grad_norm > 0, f"max_grad_norm must be > 0, got {s.max_grad_norm}"),
+        (s.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {s.checkpoint_every}"),
+        *optimizer_checks(s.optimizer),
+    ]
 
 
 def check_finite_loss(loss: torch.Tensor, where: str) -> None:
@@ -77,3 +94,23 @@ def optimizer_update(
     optimizer.step()
     scheduler.step()
     return float(grad_norm)
+
+
+def optimizer_and_schedule(
+    policy: torch.nn.Module,
+    optimizer: OptimizerFactory,
+    warmup_updates: int,
+    total_updates: int,
+    lr_schedule: str,
+    min_lr_ratio: float,
+) -> dict[str, Any]:
+    """Lightning's `configure_optimizers` answer for a phase: the optimiser over the trainable
+    parameters and its warm-up + decay schedule, stepped once per optimiser update."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the policy has no trainable parameters (check model.finetune / model.lora)")
+    built = optimizer(params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        built, lr_factor(warmup_updates, total_updates, lr_schedule, min_lr_ratio)
+    )
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
