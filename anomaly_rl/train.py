@@ -205,7 +205,3 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     main()
-
-
-if __name__ == "__main__":
-    main()

@@ -68,3 +68,10 @@ def test_readme_command_composes(entry: str, args: list[str]) -> None:
         from anomaly_rl.phases.settings import check_settings
 
         check_settings(cfg, min_new_tokens=1, processes=1)
+
+
+def test_every_entry_point_runs_its_main_once() -> None:
+    """A second `if __name__ == "__main__": main()` would run a whole training twice per command."""
+    for entry in ROOT_CONFIGS:
+        text = (ROOT / "anomaly_rl" / f"{entry}.py").read_text(encoding="utf-8")
+        assert text.count('if __name__ == "__main__":') == 1, entry
