@@ -24,7 +24,7 @@ LORA = [
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge: bool) -> dict[str, Any]:
     import anomaly_rl.grpo.module as grpo_module
-    import anomaly_rl.train as train_module
+    import anomaly_rl.phases.run as run_module
 
     captured: dict[str, Any] = {}
     real_loss = grpo_module.policy_loss
@@ -37,7 +37,7 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge: bool) -> dict[s
         captured.update(prepared=prepared, rollout=rollout)
 
     monkeypatch.setattr(grpo_module, "policy_loss", recording_loss)
-    monkeypatch.setattr(train_module, "log_rollout_table", keep)
+    monkeypatch.setattr(run_module, "log_rollout_table", keep)
     cfg = compose_small_run(tmp_path, "run", [*LORA, f"model.lora.merge_warm_start={str(merge).lower()}"])
     train(cfg)
     captured["cfg"] = cfg
