@@ -25,9 +25,9 @@ from anomaly_rl.phases.run import Run
 from anomaly_rl.phases.settings import check_settings, preflight
 from anomaly_rl.phases.start import check_init_from
 from anomaly_rl.phases.state import Paused, RunState, resolve_run_dir
-from anomaly_rl.phases.trainer import expected_processes
+from anomaly_rl.phases.trainer import expected_processes, start_processes
 from anomaly_rl.sft.settings import SFTSettings
-from anomaly_rl.training.distributed import is_rank_zero
+from anomaly_rl.training.distributed import is_rank_zero, rank_zero_first
 from anomaly_rl.utils.task import save_resolved_config, task_wrapper
 
 log = logging.getLogger("anomaly_rl")
@@ -54,13 +54,16 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     settings, warm_start_settings = check_settings(cfg, int(getattr(schema, "min_new_tokens", 1)), processes)
     if not cfg.get("resume") and is_rank_zero():
         save_resolved_config(cfg, run_dir)
+    if processes > 1:
+        start_processes(cfg.trainer)  # every process takes part from here on, evaluations included
     L.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
+    with rank_zero_first():  # rank 0 generates the data and builds the model caches, the others read them
+        datamodule.setup("fit")
+        model, processor = load_model_and_processor(cfg.model)
     if is_rank_zero() and hasattr(datamodule, "write_image_records"):  # for `evaluate ckpt=<run>` leakage checks
         datamodule.write_image_records(run_dir)
-    model, processor = load_model_and_processor(cfg.model)
     run = Run(cfg, run_dir, RunState(run_dir), model, processor, schema, datamodule, hydra.utils.instantiate(cfg.reward))
     log.info("run folder: %s", run_dir)
 

@@ -170,7 +170,8 @@ def evaluate_to_folder(
     mine = samples
     if is_distributed():
         mine = shard(samples, rank(), world_size())
-        log.info("evaluation: process %d of %d predicts %d of %d samples", rank(), world_size(), len(mine), len(samples))
+        log.info("evaluation %s: process %d of %d predicts %d of %d samples", Path(out_dir).name, rank(), world_size(),
+                 len(mine), len(samples))
     predictions = predict(
         model, processor, schema, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
         description=f"evaluating {Path(out_dir).name}", progress=is_rank_zero(),

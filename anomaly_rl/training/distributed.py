@@ -291,3 +291,17 @@ def own_process_state(saved: dict[str, Any]) -> dict[str, Any] | None:
         )
         return saved if me == 0 else None
     return state
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the body first, then the others: for work that fills a shared cache on disk
+    (the synthetic dataset, the tiny model, image fingerprints), which the others then only read."""
+    if not is_distributed():
+        yield
+        return
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()

@@ -263,7 +263,7 @@ def test_each_process_evaluates_a_shard_and_the_metrics_are_those_of_one_process
 
     output = ddp_run["output"]
     for process in (0, 1):
-        assert f"evaluation: process {process} of 2 predicts 1 of 2 samples" in output
+        assert f"evaluation eval_grpo: process {process} of 2 predicts 1 of 2 samples" in output
     run = ddp_run["run"]
     cfg = compose_config("train", ddp_run["root"], run, ddp_run["overrides"])
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -283,3 +283,16 @@ def test_each_process_evaluates_a_shard_and_the_metrics_are_those_of_one_process
     for key, value in single["overall"].items():
         if isinstance(value, float) and value == value:
             assert sharded["overall"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_processes_start_before_the_first_evaluation(tmp_path: Path) -> None:
+    """Without a warm start to train, the first `fit` comes after the start row; the processes are
+    started before it all the same, so the start row is evaluated in shards by both."""
+    root = tmp_path / "root"
+    overrides = [*_small(root, tmp_path / "probe"), "warm_start.enabled=false", "algo.max_steps=1",
+                 "eval.after_grpo=false"]
+    done = _train(overrides, tmp_path / "run")
+    output = done.stdout + done.stderr
+    for process in (0, 1):
+        assert f"evaluation eval_start: process {process} of 2 predicts 1 of 2 samples" in output, output[-3000:]
+    assert "start" in json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
