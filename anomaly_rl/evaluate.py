@@ -26,6 +26,7 @@ from anomaly_rl.data.leakage import LEAKAGE_CKPT_REPORT, LeakageSettings, check_
 from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
 from anomaly_rl.evaluation.report import metrics_markdown
 from anomaly_rl.evaluation.runner import evaluate_to_folder, split_samples
+from anomaly_rl.rollout.backends import make_rollout_backend
 from anomaly_rl.utils.task import save_resolved_config, task_wrapper
 
 log = logging.getLogger("anomaly_rl")
@@ -89,6 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             model, processor, schema, datamodule, out_dir,
             split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
             max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
+            backend=make_rollout_backend(str(cfg.eval.rollout_backend)),
         )
     print(metrics_markdown(metrics))
     log.info("evaluation written to %s", out_dir)

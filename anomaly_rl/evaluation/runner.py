@@ -24,8 +24,9 @@ from anomaly_rl.evaluation.metrics import best_match_iou, compute_metrics
 from anomaly_rl.evaluation.placement import shard, unshard
 from anomaly_rl.evaluation.report import write_evaluation
 from anomaly_rl.models.processing import never_sampled_token_ids, stop_token_ids, unwrap_model
+from anomaly_rl.rollout.base import RolloutBackend
 from anomaly_rl.rollout.logprobs import answer_probabilities
-from anomaly_rl.rollout.transformers_backend import sample as sample_responses
+from anomaly_rl.rollout.transformers_backend import TransformersBackend
 from anomaly_rl.schemas.base import Schema
 from anomaly_rl.training.distributed import (
     broadcast_from_zero,
@@ -75,8 +76,12 @@ def predict(
     max_new_tokens: int = 64,
     progress: bool = True,
     description: str = "evaluating",
+    backend: RolloutBackend | None = None,
 ) -> list[dict[str, Any]]:
-    """One prediction record per sample (the fields of predictions.jsonl)."""
+    """One prediction record per sample (the fields of predictions.jsonl), decoded greedily by
+    `backend` (default: the eager one; `static` replays a CUDA graph per token on a GPU and gives
+    the same tokens)."""
+    backend = backend or TransformersBackend()
     tokenizer = processor.tokenizer
     eos = stop_token_ids(processor)
     suppress = never_sampled_token_ids(processor, unwrap_model(model).get_output_embeddings().weight.shape[0], eos)
@@ -92,8 +97,8 @@ def predict(
                 prepared = prepare_prompts(
                     batch.samples, batch.images, batch.references, schema, processor, model
                 )
-                rollout = sample_responses(
-                    model, prepared.encoded, 1, max_new_tokens=max_new_tokens, temperature=0.0,
+                rollout = backend.sample(
+                    model, prepared.encoded, 1, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
                     eos_token_ids=eos, suppress_token_ids=suppress,
                 )
                 parsed = parse_in_original_frame(rollout.texts, prepared.frames, 1, schema)
@@ -154,6 +159,7 @@ def evaluate_to_folder(
     batch_size: int = 32,
     max_new_tokens: int = 64,
     limit: int | None = None,
+    backend: RolloutBackend | None = None,
 ) -> dict[str, Any]:
     """Predict a split, compute the metrics and write predictions.jsonl, metrics.json, metrics.md.
 
@@ -174,7 +180,7 @@ def evaluate_to_folder(
                  len(mine), len(samples))
     predictions = predict(
         model, processor, schema, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        description=f"evaluating {Path(out_dir).name}", progress=is_rank_zero(),
+        description=f"evaluating {Path(out_dir).name}", progress=is_rank_zero(), backend=backend,
     )
     if is_distributed():
         predictions = unshard(gather_objects(predictions))

@@ -68,6 +68,7 @@ class Run:
                 self.model, self.processor, self.schema, self.datamodule, self.run_dir / f"eval_{name}",
                 split=str(cfg.eval.split), batch_size=int(cfg.eval.batch_size),
                 max_new_tokens=int(cfg.eval.max_new_tokens), limit=cfg.eval.get("limit"),
+                backend=make_rollout_backend(str(cfg.eval.rollout_backend)),
             )
         self.state.add_row(name, metrics["overall"])
         barrier()

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anomaly_rl.grpo.settings import GRPOSettings
 from anomaly_rl.models.loading import check_model_folder
+from anomaly_rl.rollout.backends import ROLLOUT_BACKENDS
 from anomaly_rl.sft.settings import SFTSettings
 from anomaly_rl.training.distributed import check_divisible
 
@@ -55,6 +56,10 @@ def _eval_problems(eval_cfg: DictConfig) -> list[str]:
         (int(eval_cfg.batch_size) >= 1, f"batch_size must be >= 1, got {eval_cfg.batch_size}"),
         (int(eval_cfg.max_new_tokens) >= 1, f"max_new_tokens must be >= 1, got {eval_cfg.max_new_tokens}"),
         (limit is None or int(limit) >= 1, f"limit must be null or >= 1, got {limit}"),
+        (
+            str(eval_cfg.get("rollout_backend", "eager")) in ROLLOUT_BACKENDS,
+            f"rollout_backend must be one of {', '.join(sorted(ROLLOUT_BACKENDS))}, got {eval_cfg.get('rollout_backend')!r}",
+        ),
     ]
     return [f"eval.{message}" for ok, message in checks if not ok]
 

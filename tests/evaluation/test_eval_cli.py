@@ -309,3 +309,18 @@ def test_evaluating_a_run_asks_in_its_wording_at_its_length(tmp_path: Path) -> N
             assert cfg.eval.max_new_tokens == tokens
             assert cfg.schema.style == ("instruction" if overrides else "short")
             assert cfg.model.name == ("qwen2_5_vl_3b" if overrides else "tiny")
+
+
+def test_evaluation_with_the_static_backend_gives_the_eager_answers(trained: dict[str, Path]) -> None:
+    """`eval.rollout_backend=static` (a static KV cache; a CUDA graph per token on a GPU) decodes the
+    same greedy answers as the eager loop, so the metrics do not depend on the backend."""
+    from anomaly_rl.evaluate import evaluate
+
+    out = trained["root"] / "eval_static"
+    cfg = compose_config("eval", trained["root"], out, [*DATA, f"ckpt={trained['run']}", "eval.rollout_backend=static"])
+    evaluate(cfg)
+    static = read_jsonl(out / "predictions.jsonl")
+    eager = read_jsonl(trained["eval"] / "predictions.jsonl")
+    assert [p["response"] for p in static] == [p["response"] for p in eager]
+    for ours, theirs in zip(static, eager, strict=True):
+        assert ours["p_anomalous"] == pytest.approx(theirs["p_anomalous"], abs=1e-5)
