@@ -53,14 +53,25 @@ HISTORY_METRICS = (
     ("train/zero_std_group_fraction", "zero-std groups"),
     ("train/zero_std_group_fraction_cls", "zero-std groups (cls)"),
 )
+# (key in <job>/diversity.json's "start"/"final", column title): the G answers of a group sampled
+# from the start and the trained policy on the same prompts (experiments/adapt/group_diversity.py).
+DIVERSITY_METRICS = (
+    ("distinct_answers_per_group", "distinct answers / group"),
+    ("zero_std_group_fraction", "zero-std groups (probe)"),
+    ("zero_std_group_fraction_cls", "zero-std groups cls (probe)"),
+)
+DIVERSITY_PREFIX = "div/"
 FLOOR_KEY = ("median_box", "box_mIoU")
 # Every per-run value summarised for the after-GRPO table, in column order.
 GRPO_VALUE_KEYS = (
     *(key for key, _ in EVAL_METRICS),
     *(key for key, _ in HISTORY_METRICS),
+    *(DIVERSITY_PREFIX + key for key, _ in DIVERSITY_METRICS),
     FLOOR_KEY[1] + "_floor",
     "grpo_seconds",
 )
+# Every per-run value of the before-GRPO table.
+START_VALUE_KEYS = (*(key for key, _ in EVAL_METRICS), *(DIVERSITY_PREFIX + key for key, _ in DIVERSITY_METRICS))
 # Reward components that carry the decision, for rewards whose class cannot be imported here.
 CLASSIFICATION_FALLBACK = ("cls", "accuracy")
 
@@ -94,6 +105,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     grpo_seconds: float | None = None
     reward_target: str | None = None
+    diversity: dict[str, dict[str, Any]] = field(default_factory=dict)  # "start"/"final" -> probe values
     finished_at: float = 0.0  # results.json's mtime: the newer of two duplicates wins
 
     @property
@@ -251,6 +263,10 @@ def read_run(folder: Path, conf_dir: Path) -> Run:
         if not isinstance(history, list):
             raise AggregationError(f"{history_file}: expected a list of per-step dicts, got {type(history).__name__}")
         run.history = [step for step in history if isinstance(step, dict)]
+    diversity_file = folder / "diversity.json"
+    if diversity_file.is_file():
+        diversity = _load_json(diversity_file)
+        run.diversity = {k: v for k, v in diversity.items() if isinstance(v, dict)} if isinstance(diversity, dict) else {}
     failure = folder / "failure.txt"
     if "grpo" in run.rows:
         run.status = "ok"
@@ -312,6 +328,8 @@ def history_mean(history: Sequence[dict[str, Any]], key: str) -> float | None:
 
 def run_values(run: Run, row: str = "grpo") -> dict[str, float | None]:
     values = {key: _finite(run.rows.get(row, {}).get(key)) for key, _ in EVAL_METRICS}
+    probe = run.diversity.get("final" if row == "grpo" else row, {})
+    values.update({DIVERSITY_PREFIX + key: _finite(probe.get(key)) for key, _ in DIVERSITY_METRICS})
     if row == "grpo":
         values.update({key: history_mean(run.history, key) for key, _ in HISTORY_METRICS})
         values[FLOOR_KEY[1] + "_floor"] = _finite(run.rows.get(FLOOR_KEY[0], {}).get(FLOOR_KEY[1]))
@@ -349,7 +367,7 @@ def aggregate(
         per_run = [run_values(run) for _, run in members]
         stats = {key: mean_std(values[key] for values in per_run) for key in GRPO_VALUE_KEYS}
         starts = [run_values(run, "start") for _, run in members if "start" in run.rows]
-        start_stats = {key: mean_std(v[key] for v in starts) for key, _ in EVAL_METRICS} if starts else {}
+        start_stats = {key: mean_std(v[key] for v in starts) for key in START_VALUE_KEYS} if starts else {}
         cells.append(CellSummary(schema, reward, [seed for seed, _ in members], stats, start_stats))
     return Aggregate(runs, chosen, superseded, cells, expected)
 
@@ -532,13 +550,16 @@ def machine() -> str:
 def _cell_table(cells: Sequence[CellSummary], n_expected_seeds: int, start: bool = False) -> list[str]:
     columns = [title for _, title in EVAL_METRICS]
     if not start:
-        columns += [title for _, title in HISTORY_METRICS] + ["median-box mIoU (floor)", "GRPO s"]
+        columns += [title for _, title in HISTORY_METRICS]
+    columns += [title for _, title in DIVERSITY_METRICS]
+    if not start:
+        columns += ["median-box mIoU (floor)", "GRPO s"]
     lines = ["| schema | reward | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for cell in cells:
         stats = cell.start_stats if start else cell.stats
         if start and not stats:
             continue
-        keys = [k for k, _ in EVAL_METRICS] if start else list(GRPO_VALUE_KEYS)
+        keys = list(START_VALUE_KEYS) if start else list(GRPO_VALUE_KEYS)
         n = len(cell.seeds)
         seeds = f"{n}/{n_expected_seeds}" + (f" ({', '.join(map(str, cell.seeds))})" if n and n != n_expected_seeds else "")
         values = []
@@ -614,7 +635,11 @@ def render_markdown(result: Aggregate, runs_dirs: Sequence[Path], command: str, 
         "from fewer of them (the metric was NaN or absent in the others, listed below). `zero-std",
         "groups`: the fraction of a step's prompt groups whose G rewards were all equal (no GRPO",
         "signal), averaged over the run's steps — on the total reward and on its classification",
-        "component. `median-box mIoU (floor)`: always predicting the training set's median box.",
+        "component. `distinct answers / group` and the `(probe)` fractions: G answers sampled per prompt",
+        "from the trained policy (the before-GRPO table: from the start) on the same training prompts with",
+        "a fixed seed (`experiments/adapt/group_diversity.py`; `—` where it was not run): distinct",
+        "(answer, boxes) pairs per group, and the share of groups whose total / classification reward",
+        "has zero variance. `median-box mIoU (floor)`: always predicting the training set's median box.",
         "`GRPO s`: wall time of the GRPO phase.",
         "",
         *_cell_table(result.cells, n_seeds),
