@@ -22,6 +22,7 @@ from torch import Tensor
 
 Scale = Literal["group", "batch", "none"]
 SCALES: tuple[str, ...] = ("group", "batch", "none")
+BASELINES: tuple[str, ...] = ("group", "batch")
 
 ZERO_STD_TOL: float = 1e-6
 """Rewards within this range (max - min) of each other count as equal: the group is 'zero-std'."""
@@ -80,6 +81,7 @@ def group_advantages(
     eps: float = 1e-4,
     *,
     zero_tol: float = ZERO_STD_TOL,
+    baseline: str = "group",
 ) -> Tensor:
     """A_i = (r_i - mean of its group) / (std + eps), flat [B*G], detached.
 
@@ -93,6 +95,10 @@ def group_advantages(
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if baseline == "batch":
+        return batch_centred_advantages(rewards, group_size, scale, eps)
     grouped = _grouped(rewards, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     zero = zero_variance_groups(rewards, group_size, zero_tol)
@@ -112,3 +118,25 @@ def group_advantages(
 
     advantages = torch.where(zero.unsqueeze(1), torch.zeros_like(advantages), advantages)
     return advantages.flatten()
+
+
+def batch_centred_advantages(rewards: Tensor, group_size: int, scale: Scale = "batch", eps: float = 1e-4) -> Tensor:
+    """A_i = (r_i - mean of the whole batch) / (batch std + eps): the baseline is the batch, not the group.
+
+    A group whose G responses all earn the same reward still gets a signal when that reward differs
+    from the rest of the batch's — the case where a confidently wrong start never samples the right
+    answer within a group (experiments/adapt: every group of a normal image answers "defect").
+    It is no longer an unbiased per-prompt baseline: prompts that are easy for other reasons are
+    pushed too. `scale`: "batch" (default) or "none"; a per-group std is undefined for flat groups.
+    """
+    if scale == "group":
+        raise ValueError("the batch baseline needs scale 'batch' or 'none' (a flat group has no std of its own)")
+    _grouped(rewards, group_size)
+    values = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
+    centred = values - values.mean()
+    if scale == "none":
+        return centred
+    spread = values.max() - values.min() if values.numel() else values.new_tensor(0.0)
+    if float(spread) <= ZERO_STD_TOL:
+        return torch.zeros_like(centred)
+    return centred / (values.std() + eps)

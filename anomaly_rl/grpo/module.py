@@ -385,10 +385,12 @@ class GRPOModule(L.LightningModule):
         """
         s = self.settings
         if not is_distributed():
-            return group_advantages(total, s.group_size, scale=s.scale_rewards, eps=s.advantage_eps)
+            return group_advantages(total, s.group_size, scale=s.scale_rewards, eps=s.advantage_eps, baseline=s.advantage_baseline)
         everyone = gather_objects(total)
         start = sum(t.numel() for t in everyone[: rank()])
-        full = group_advantages(torch.cat(everyone), s.group_size, scale=s.scale_rewards, eps=s.advantage_eps)
+        full = group_advantages(
+            torch.cat(everyone), s.group_size, scale=s.scale_rewards, eps=s.advantage_eps, baseline=s.advantage_baseline
+        )
         return full[start : start + total.numel()]
 
     def _resample_flat_groups(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from anomaly_rl.grpo.advantages import SCALES
+from anomaly_rl.grpo.advantages import BASELINES, SCALES
 from anomaly_rl.grpo.loss import LOSS_TYPES
 from anomaly_rl.rollout.backends import ROLLOUT_BACKENDS
 from anomaly_rl.training.distributed import check_divisible
@@ -42,6 +42,7 @@ class GRPOSettings:
     loss_type: str
     scale_rewards: str
     advantage_eps: float
+    advantage_baseline: str
     num_iterations: int
     mini_batches: int
     max_grad_norm: float
@@ -89,6 +90,14 @@ class GRPOSettings:
                 f"scale_rewards must be one of {', '.join(SCALES)}, got {self.scale_rewards!r}",
             ),
             (self.advantage_eps >= 0, f"advantage_eps must be >= 0, got {self.advantage_eps}"),
+            (
+                self.advantage_baseline in BASELINES,
+                f"advantage_baseline must be one of {', '.join(BASELINES)}, got {self.advantage_baseline!r}",
+            ),
+            (
+                self.advantage_baseline != "batch" or self.scale_rewards != "group",
+                f"advantage_baseline=batch needs {prefix}.scale_rewards=batch or none (a flat group has no std)",
+            ),
             (self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}"),
             (self.logprob_chunk_size >= 1, f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"),
             (

@@ -159,3 +159,19 @@ def test_properties(g: int, b: int, data: st.DataObject, scale: str) -> None:
     if scale == "group":
         # Unit scale up to eps: |A| <= (G-1)/sqrt(G) for the unbiased std.
         assert adv.abs().max() <= (g - 1) / math.sqrt(g) + 1e-9
+
+
+def test_batch_baseline_hand_worked() -> None:
+    """Two groups of 2: [1, 1] (flat) and [0, 0] (flat). The group baseline gives nothing; the batch
+    baseline (mean 0.5, sample std 0.5774) pushes the first group up and the second down."""
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert group_advantages(rewards, 2).abs().sum() == 0
+    batch = group_advantages(rewards, 2, scale="batch", eps=0.0, baseline="batch")
+    torch.testing.assert_close(batch, torch.tensor([0.5, 0.5, -0.5, -0.5]) / (1 / 3) ** 0.5)
+    torch.testing.assert_close(group_advantages(rewards, 2, scale="none", baseline="batch"),
+                               torch.tensor([0.5, 0.5, -0.5, -0.5]))
+    assert group_advantages(torch.ones(4), 2, scale="batch", baseline="batch").abs().sum() == 0
+    with pytest.raises(ValueError, match="batch baseline"):
+        group_advantages(rewards, 2, scale="group", baseline="batch")
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(rewards, 2, baseline="prompt")
