@@ -67,6 +67,27 @@ def run_model_config(run_dir: str | Path, fallback: DictConfig) -> DictConfig:
     return saved.model if saved is not None and "model" in saved else fallback
 
 
+DEFAULT_MAX_NEW_TOKENS = 64
+"""The tiny default's evaluation length: used when neither the user nor a run sets one."""
+
+
+def run_prompt_settings(
+    ckpt: str | Path | None, model_cfg: DictConfig, schema_cfg: DictConfig, max_new_tokens: int | None
+) -> tuple[DictConfig, DictConfig, int]:
+    """What `evaluate` and `predict` ask a run's weights with: with `ckpt`, the run's model (so its
+    weights fit) and prompt wording (`schema`: the same weights asked in another wording answer
+    worse) and, unless `max_new_tokens` is set, its evaluation length (512 in the real recipes; a
+    shorter budget cuts answers off). Without `ckpt`, the configured ones."""
+    run = run_config(ckpt) if ckpt else None
+    trained_length = OmegaConf.select(run, "eval.max_new_tokens") if run is not None else None
+    if max_new_tokens is None:
+        max_new_tokens = int(trained_length) if trained_length is not None else DEFAULT_MAX_NEW_TOKENS
+    if run is not None:
+        model_cfg = run.model if "model" in run else model_cfg
+        schema_cfg = run.schema if "schema" in run else schema_cfg
+    return model_cfg, schema_cfg, int(max_new_tokens)
+
+
 def load_trained_policy(model_cfg: DictConfig, ckpt: str | Path | None) -> tuple[Any, Any]:
     """The model and processor of `model_cfg`, with a run's trained weights when `ckpt` is given.
 

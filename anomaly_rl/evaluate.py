@@ -19,9 +19,9 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from anomaly_rl.checkpoints import load_trained_policy, run_config, run_model_config
+from anomaly_rl.checkpoints import load_trained_policy, run_prompt_settings
 from anomaly_rl.data.leakage import LEAKAGE_CKPT_REPORT, LeakageSettings, check_against_run
 from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
 from anomaly_rl.evaluation.report import metrics_markdown
@@ -30,25 +30,14 @@ from anomaly_rl.rollout.backends import make_rollout_backend
 from anomaly_rl.utils.task import save_resolved_config, task_wrapper
 
 log = logging.getLogger("anomaly_rl")
-DEFAULT_MAX_NEW_TOKENS = 64  # the tiny default's evaluation length, when neither the user nor a run sets one
 
 
 def _run_settings(cfg: DictConfig) -> None:
-    """With `ckpt`: the run's model (so its weights fit), its prompt wording (`schema`: the same
-    weights asked in another wording answer worse) and, unless `eval.max_new_tokens` is set, its
-    evaluation length (512 in the real recipes; a shorter budget cuts answers off)."""
+    """With `ckpt`: the run's model, prompt wording and evaluation length (checkpoints.run_prompt_settings)."""
     with open_dict(cfg):
-        if not cfg.get("ckpt"):
-            if cfg.eval.get("max_new_tokens") is None:
-                cfg.eval.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-            return
-        cfg.model = run_model_config(cfg.ckpt, cfg.model)
-        run = run_config(cfg.ckpt)
-        if run is not None and "schema" in run:
-            cfg.schema = run.schema
-        if cfg.eval.get("max_new_tokens") is None:
-            trained = OmegaConf.select(run, "eval.max_new_tokens") if run is not None else None
-            cfg.eval.max_new_tokens = int(trained) if trained is not None else DEFAULT_MAX_NEW_TOKENS
+        cfg.model, cfg.schema, cfg.eval.max_new_tokens = run_prompt_settings(
+            cfg.get("ckpt"), cfg.model, cfg.schema, cfg.eval.get("max_new_tokens")
+        )
 
 
 def is_mmad(data_cfg: DictConfig) -> bool:

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
-from anomaly_rl.checkpoints import load_trained_policy, run_config, run_model_config
+from anomaly_rl.checkpoints import load_trained_policy, run_config, run_prompt_settings
 from anomaly_rl.data.files import image_size as read_image_size
 from anomaly_rl.data.records import Sample
 from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
@@ -33,29 +33,17 @@ def draw_boxes(image_path: str | Path, boxes: list[list[float]], out: str | Path
     return out
 
 
-def _max_new_tokens(cfg: DictConfig, run: DictConfig | None) -> int:
-    """`max_new_tokens` when set, else the run's evaluation length (512 in the real recipes: a
-    shorter budget cuts the answer off), else 64 (the tiny default's)."""
-    if cfg.get("max_new_tokens") is not None:
-        return int(cfg.max_new_tokens)
-    if run is not None and OmegaConf.select(run, "eval.max_new_tokens") is not None:
-        return int(OmegaConf.select(run, "eval.max_new_tokens"))
-    return 64
-
-
 @task_wrapper
 def predict(cfg: DictConfig) -> dict[str, Any]:
     image_path = Path(cfg.image).expanduser()
     if not image_path.is_file():
         raise FileNotFoundError(f"image={cfg.image}: no such file")
     run = run_config(cfg.ckpt) if cfg.get("ckpt") else None
-    model_cfg = run_model_config(cfg.ckpt, cfg.model) if cfg.get("ckpt") else cfg.model
+    model_cfg, schema_cfg, max_new_tokens = run_prompt_settings(
+        cfg.get("ckpt"), cfg.model, cfg.schema, cfg.get("max_new_tokens")
+    )
     model, processor = load_trained_policy(model_cfg, cfg.get("ckpt"))
-    # The prompt the run was trained with: a real-model recipe writes `schema.style: instruction`,
-    # and the same weights asked in another wording answer worse.
-    schema_cfg = run.schema if run is not None and "schema" in run else cfg.schema
     schema = hydra.utils.instantiate(schema_cfg)
-    max_new_tokens = _max_new_tokens(cfg, run)
     references = (str(Path(cfg.reference).expanduser()),) if cfg.get("reference") else ()
     trained_with = int(OmegaConf.select(run, "data.num_references", default=0) or 0) if run is not None else 0
     if trained_with and not references:
