@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from anomaly_rl.evaluation.placement import placement_trainer
 from anomaly_rl.models.loading import load_model_and_processor
 from anomaly_rl.models.weights import load_policy_weights
 from anomaly_rl.phases.run import Run
@@ -54,8 +55,9 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
     settings, warm_start_settings = check_settings(cfg, int(getattr(schema, "min_new_tokens", 1)), processes)
     if not cfg.get("resume") and is_rank_zero():
         save_resolved_config(cfg, run_dir)
+    placement = placement_trainer(cfg.trainer)  # the device and precision every evaluation row runs at
     if processes > 1:
-        start_processes(cfg.trainer)  # every process takes part from here on, evaluations included
+        start_processes(placement)  # every process takes part from here on, evaluations included
     L.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -64,7 +66,8 @@ def _run_phases(cfg: DictConfig) -> dict[str, Any]:
         model, processor = load_model_and_processor(cfg.model)
     if is_rank_zero() and hasattr(datamodule, "write_image_records"):  # for `evaluate ckpt=<run>` leakage checks
         datamodule.write_image_records(run_dir)
-    run = Run(cfg, run_dir, RunState(run_dir), model, processor, schema, datamodule, hydra.utils.instantiate(cfg.reward))
+    reward = hydra.utils.instantiate(cfg.reward)
+    run = Run(cfg, run_dir, RunState(run_dir), model, processor, schema, datamodule, reward, placement)
     log.info("run folder: %s", run_dir)
 
     if init_folder is not None:

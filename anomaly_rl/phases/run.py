@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from anomaly_rl.callbacks import UNBOUNDED_STEPS
 from anomaly_rl.data.datamodule import load_prompt_batch
-from anomaly_rl.evaluation.placement import on_accelerator, placement_trainer
+from anomaly_rl.evaluation.placement import on_accelerator
 from anomaly_rl.evaluation.report import comparison_markdown, log_wandb_summary
 from anomaly_rl.evaluation.runner import evaluate_to_folder, median_box_baseline
 from anomaly_rl.evaluation.wandb_tables import log_rollout_table
@@ -53,9 +54,7 @@ class Run:
     schema: Any
     datamodule: Any
     reward: Any
-
-    def __post_init__(self) -> None:
-        self.placement = placement_trainer(self.cfg.trainer)
+    placement: L.Trainer  # where evaluation runs: the trainer config's device and precision
 
     def evaluate_row(self, name: str) -> None:
         """Every process evaluates its shard on its accelerator (one process before the first fit

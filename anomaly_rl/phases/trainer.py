@@ -11,7 +11,6 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from anomaly_rl.callbacks import StepCheckpoint
-from anomaly_rl.evaluation.placement import placement_trainer
 from anomaly_rl.training.distributed import is_distributed
 from anomaly_rl.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from anomaly_rl.utils.task import job_config
@@ -80,16 +79,17 @@ def fit_phase(module: L.LightningModule, trainer: L.Trainer, checkpoint: StepChe
     return time.perf_counter() - start
 
 
-def start_processes(trainer_cfg: DictConfig) -> None:
-    """Start the data-parallel processes now instead of at the first `fit`, so that every phase —
-    the evaluation of the start row too — runs in all of them (each evaluates its shard).
+def start_processes(placement: L.Trainer) -> None:
+    """Start the data-parallel processes of `placement`'s strategy now instead of at the first
+    `fit`, so that every phase — the evaluation of the start row too — runs in all of them (each
+    evaluates its shard).
 
     Lightning's launcher re-runs this command for the other processes, as `fit` would; a later
     `fit` finds them started and the process group initialised, and starts nothing more.
     """
     if is_distributed():
         return
-    strategy = placement_trainer(trainer_cfg).strategy
+    strategy = placement.strategy
     if strategy.launcher is not None:
         strategy.launcher.launch(lambda: None)
     strategy.setup_environment()
