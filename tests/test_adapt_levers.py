@@ -59,7 +59,13 @@ def test_every_lever_composes_and_changes_the_recipe(lever: str, tmp_path: Path)
             assert node == pytest.approx(float(value)), override
         else:
             assert node == value, override
-    if lever != "recipe":
+    if lever in levers.PRE_SFT_STEPS:
+        sft, grpo = levers.lever_commands(lever, 0, tmp_path, [])
+        sft_cfg = _compose(_train_overrides(sft))
+        assert sft_cfg["warm_start"]["max_steps"] == levers.PRE_SFT_STEPS[lever] and sft_cfg["data"]["shots"] == levers.K
+        run_dir = next(o for o in sft if o.startswith("hydra.run.dir=")).split("=", 1)[1]
+        assert cfg["init_from"] == run_dir  # GRPO starts from the short SFT run
+    elif lever != "recipe":
         assert cfg["algo"] != recipe["algo"] or cfg["reward"] != recipe["reward"]
 
 

@@ -44,7 +44,7 @@ from aggregate import (  # noqa: E402  (the scripts of this folder are not a pac
     merge_notes,
     read_run,
 )
-from run_adapt import COMMON, PY, ROOT, Job, prepare_data, run_all  # noqa: E402
+from run_adapt import COMMON, PY, ROOT, Job, load_lrs, prepare_data, run_all  # noqa: E402
 
 K = 16
 # name -> (overrides on top of the benchmark's GRPO recipe, what the lever tests)
@@ -61,7 +61,11 @@ LEVERS: dict[str, tuple[list[str], str]] = {
                        "advantages centred on the batch mean: a flat group still learns"),
     "batch_baseline_vision": (["algo.advantage_baseline=batch", "algo.scale_rewards=batch", "algo.train_vision=true"],
                               "the batch baseline with the vision tower trained too"),
+    "sft_10_then_grpo": ([], "a start that samples both answers: 10 SFT steps on the k-shot images (lr from "
+                             "sft_lr.json) before the recipe's GRPO"),
 }
+# Levers whose GRPO run starts from a short SFT run of its own (steps), written beside it as <lever>_s<seed>_sft.
+PRE_SFT_STEPS = {"sft_10_then_grpo": 10}
 METRICS = (("image_BalancedAccuracy", "bal. acc."), ("image_AUROC", "AUROC"), ("box_mIoU", "mean IoU"),
            ("box_AP50", "AP50"), ("schema_valid_rate", "schema-valid"))
 NOTES_PLACEHOLDER = "_Placeholder: what the lever runs show, written after them; kept across reruns._"
@@ -71,9 +75,22 @@ def lever_command(lever: str, seed: int, out: Path, extra: list[str]) -> list[st
     overrides, _ = LEVERS[lever]
     # Only the recipe re-evaluates the start (no adaptation): it is the same model on the same split for every lever.
     before = [] if lever == "recipe" else ["eval.before_grpo=false"]
+    start = [f"init_from={out / f'{lever}_s{seed}_sft'}"] if lever in PRE_SFT_STEPS else []
     return [PY, "-m", "anomaly_rl.train", "+experiment=adapt", f"data.shots={K}", f"seed={seed}",
             "warm_start.batch_size=16", "algo.prompts_per_step=8", "control.enabled=false", *COMMON, *before,
-            *overrides, f"hydra.run.dir={out / f'{lever}_s{seed}'}", *extra]
+            *overrides, *start, f"hydra.run.dir={out / f'{lever}_s{seed}'}", *extra]
+
+
+def lever_commands(lever: str, seed: int, out: Path, extra: list[str]) -> list[list[str]]:
+    """The lever's GRPO run, after its short SFT run where it has one (the SFT control's lr, no evaluation)."""
+    grpo = lever_command(lever, seed, out, extra)
+    if lever not in PRE_SFT_STEPS:
+        return [grpo]
+    sft = [PY, "-m", "anomaly_rl.train", "+experiment=adapt_sft", f"data.shots={K}", f"seed={seed}",
+           "warm_start.batch_size=16", f"warm_start.optimizer.lr={load_lrs()[str(K)]}",
+           f"warm_start.max_steps={PRE_SFT_STEPS[lever]}", "eval.enabled=false", *COMMON,
+           f"hydra.run.dir={out / f'{lever}_s{seed}_sft'}"]
+    return [sft, grpo]
 
 
 def read_lever(folder: Path) -> dict[str, Any] | None:
@@ -230,7 +247,7 @@ def main() -> None:
     # The longest runs first, so that the two slots finish together.
     order = sorted(((lever, seed) for lever in args.levers for seed in args.seeds),
                    key=lambda item: -int(item[0] in ("longer_180", "group_12_temp_1.5", "dynamic_sampling")))
-    jobs = [Job(f"{lever} seed={seed}", [lever_command(lever, seed, out, extra)], out / f"{lever}_s{seed}.log")
+    jobs = [Job(f"{lever} seed={seed}", lever_commands(lever, seed, out, extra), out / f"{lever}_s{seed}.log")
             for lever, seed in order]
     failed = run_all(jobs, args.parallel)
     write(out, benchmark, command)
