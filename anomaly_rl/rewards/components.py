@@ -7,7 +7,8 @@ policy can write absurd numbers and the reward must still be a number.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -101,29 +102,36 @@ def r_count(m: int, n: int) -> float:
     return -0.1
 
 
-def matched_mean_giou(pred: Sequence[Box], true: Sequence[Box]) -> float:
-    """Mean over the m predicted boxes of their GIoU with a one-to-one (Hungarian) match.
+Overlap = Literal["giou", "iou"]
+OVERLAPS: dict[str, Callable[..., np.ndarray]] = {"giou": giou_matrix, "iou": iou_matrix}
 
-    The match maximises total GIoU; predicted boxes left without a partner (m > n) add 0, so
+
+def matched_mean_giou(pred: Sequence[Box], true: Sequence[Box], overlap: Overlap = "giou") -> float:
+    """Mean over the m predicted boxes of their GIoU (or plain IoU) with a one-to-one (Hungarian) match.
+
+    The match maximises the total overlap; predicted boxes left without a partner (m > n) add 0, so
     extra boxes dilute the mean. With one box on either side the optimum is simply the best pair.
     """
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap must be one of {sorted(OVERLAPS)}, got {overlap!r}")
     m, n = len(pred), len(true)
     if m == 0 or n == 0:
         return 0.0
-    matrix = giou_matrix(pred, true)
+    matrix = OVERLAPS[overlap](pred, true)
     if m == 1 or n == 1:
         return float(matrix.max()) / m
     rows, cols = linear_sum_assignment(-matrix)
     return float(matrix[rows, cols].sum()) / m
 
 
-def r_loc(pred: Sequence[Box], true: Sequence[Box], is_anomalous: bool) -> float:
+def r_loc(pred: Sequence[Box], true: Sequence[Box], is_anomalous: bool, overlap: Overlap = "giou") -> float:
     """R_loc: localisation reward, in [-0.1, 1] (method.md section 3).
 
     Normal images, and anomalous ones without annotated boxes, pay for picking exactly one
     region to examine (0.5), nothing for none and -0.1 for several. Otherwise r = matched mean
     GIoU + 0.3 * r_count, mapped by clip((r + 0.5) / 1.5, 0, 1): any r >= 1 (e.g. GIoU >= 0.7 with
-    the right count) already earns the maximum 1.
+    the right count) already earns the maximum 1. `overlap="iou"` replaces GIoU by plain IoU (no
+    enclosing-box term: a box that misses earns the same wherever it lies) — a lever, not the paper's.
     """
     m, n = len(pred), len(true)
     if not is_anomalous or n == 0:
@@ -132,7 +140,7 @@ def r_loc(pred: Sequence[Box], true: Sequence[Box], is_anomalous: bool) -> float
         return LOC_ONE_REGION if m == 1 else LOC_TOO_MANY
     if m == 0:
         return 0.0
-    r = matched_mean_giou(pred, true) + LOC_COUNT_WEIGHT * r_count(m, n)
+    r = matched_mean_giou(pred, true, overlap) + LOC_COUNT_WEIGHT * r_count(m, n)
     return float(np.clip((r + 0.5) / 1.5, 0.0, 1.0))
 
 

@@ -72,6 +72,17 @@ def test_adfm_total_is_the_weighted_sum(schemas: dict[str, Schema], sample_build
     assert AdfmReward(w_loc=-1.0).bounds["total"] == pytest.approx((-1.0, 2.3))
 
 
+def test_adfm_loc_overlap_iou(schemas: dict[str, Schema], sample_builder: Callable) -> None:
+    # GOOD's box [10,20,30,40] against a far defect [60,60,70,70]: GIoU = 0 - (3000 - 500) / 3000 = -5/6,
+    # r = -5/6 + 0.3 -> clip((r + 0.5) / 1.5) = 0; plain IoU 0 -> r = 0.3 -> 0.8 / 1.5
+    samples = [sample_builder(boxes=((60.0, 60.0, 70.0, 70.0),))]
+    parsed = [schemas["adfm"].parse(GOOD)]
+    assert AdfmReward()(parsed, samples)["loc"][0] == 0.0
+    assert AdfmReward(loc_overlap="iou")(parsed, samples)["loc"][0] == pytest.approx(0.8 / 1.5)
+    with pytest.raises(ValueError, match="reward.loc_overlap"):
+        AdfmReward(loc_overlap="diou")  # type: ignore[arg-type]
+
+
 def test_adfm_cls_reads_the_whole_response_without_answer_tag(
     schemas: dict[str, Schema], sample_builder: Callable
 ) -> None:

@@ -204,3 +204,20 @@ def test_inside_image_tolerates_frame_round_trip_error() -> None:
     assert not inside_image([(0.0, 0.0, 901.0, 700.0)], (900, 700))
     assert not inside_image([(0.0, float("nan"), 1.0, 1.0)], (900, 700))
     assert not inside_image([(0.0, 0.0, float("inf"), 1.0)], (900, 700))
+
+
+def test_r_loc_plain_iou_drops_the_enclosing_box_term() -> None:
+    # The lever loc_overlap="iou". Disjoint pred [0,0,10,10] vs true [20,0,30,10]: IoU 0 (GIoU -1/3),
+    # so r = 0 + 0.3 = 0.3 -> (0.3 + 0.5) / 1.5 = 0.5333...; farther away earns the same (GIoU: less).
+    near, far = (20, 0, 30, 10), (200, 0, 210, 10)
+    assert r_loc([T], [near], True, overlap="iou") == pytest.approx(0.8 / 1.5)
+    assert r_loc([T], [far], True, overlap="iou") == pytest.approx(0.8 / 1.5)
+    assert r_loc([T], [far], True) < r_loc([T], [near], True)
+    # pred [0,0,10,10] vs true [0,0,10,20]: IoU 0.5 = GIoU (the enclosing box is the union): same reward
+    assert r_loc([T], [(0, 0, 10, 20)], True, overlap="iou") == pytest.approx(r_loc([T], [(0, 0, 10, 20)], True))
+    # two predicted, two true, matched one-to-one on IoU: T exact (1) + [50,50,60,60] vs [55,50,65,60]
+    # (inter 50, union 150 -> 1/3): mean 2/3; r = 2/3 + 0.3 -> (0.9667 + 0.5) / 1.5
+    pred, true = [T, (50, 50, 60, 60)], [(55, 50, 65, 60), T]
+    assert r_loc(pred, true, True, overlap="iou") == pytest.approx((2 / 3 + 0.3 + 0.5) / 1.5)
+    with pytest.raises(ValueError, match="overlap"):
+        r_loc([T], [T], True, overlap="diou")  # type: ignore[arg-type]
