@@ -87,6 +87,9 @@ def test_table_gap_and_curve_edges_match_an_independent_computation(tmp_path: Pa
         history = [{"train/reward_cls": 0.1 * i, "train/zero_std_group_fraction_cls": z} for i, z in enumerate(zero_std)]
         _write(out / f"beta_0_s{seed}" / "results.json", {"rows": {"grpo": grpo}, "seconds": {"final": 50.0}})
         _write(out / f"beta_0_s{seed}" / "grpo_history.json", history)
+        _write(out / f"beta_0_s{seed}" / "diversity.json",
+               {"start": {"normal_groups_with_a_normal_answer": 0.0},
+                "final": {"normal_groups_with_a_normal_answer": 0.25 * (seed + 1)}})
         _write(bench / f"k16_s{seed}" / "results.json", {"rows": {"sft_control": sft, "start": sft, "grpo": grpo}})
         expected_gap.append(grpo["image_BalancedAccuracy"] - sft["image_BalancedAccuracy"])
         cls_first.append(statistics.fmean(zero_std[:10]))
@@ -102,11 +105,30 @@ def test_table_gap_and_curve_edges_match_an_independent_computation(tmp_path: Pa
     assert cells[5 + len(keys)] == "0.45 → 1.95"  # R_cls 0.1 * step: steps 0-9 and 15-24
     assert cells[6 + len(keys)] == f"{statistics.fmean(cls_first):.2f} → {statistics.fmean(cls_last):.2f}"
     assert cells[-2] == "25.000 ± 0.000"
+    assert cells[-4] == "0.00 → 0.38"  # probe: groups with a "normal" answer, start -> mean(0.25, 0.5)
+    assert cells[-3] == "—"  # that probe value was not written
     # the notes block survives a rerun
     target.write_text(text.replace(levers.NOTES_PLACEHOLDER, "kept by hand"))
     levers.write(out, bench, "levers.py", out_dir=docs)
     assert "kept by hand" in target.read_text()
     assert json.loads((docs / "levers.json").read_text())["beta_0"]["0"]["steps"] == 25
+
+
+def test_a_lever_with_its_own_start_shows_that_start(tmp_path: Path) -> None:
+    out, bench = tmp_path / "levers", tmp_path / "bench"
+    start = {"image_BalancedAccuracy": 0.6, "box_mIoU": 0.05}
+    _write(out / "sft_10_then_grpo_s0" / "results.json",
+           {"rows": {"start": start, "grpo": {"image_BalancedAccuracy": 0.7}}, "seconds": {"final": 9.0}})
+    _write(out / "sft_10_then_grpo_s0_sft" / "results.json", {"rows": {"sft": start}})  # the short SFT run: skipped
+    _write(bench / "k16_s0" / "results.json", {"rows": {"sft_control": {"image_BalancedAccuracy": 0.65,
+                                                                        "box_mIoU": 0.07}}})
+    text = levers.write(out, bench, "levers.py", out_dir=tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| sft_10_then_grpo: start |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0" and cells[2] == "0.600 (n=1)"
+    assert cells[-2:] == ["-0.050 (n=1)", "-0.020 (n=1)"]  # start - SFT arm, same seed
+    main = next(line for line in text.splitlines() if line.startswith("| sft_10_then_grpo |"))
+    assert "+0.050 (n=1)" in main  # GRPO after that start - SFT arm
 
 
 def test_no_finished_run_is_a_clear_error(tmp_path: Path) -> None:

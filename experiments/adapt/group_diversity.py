@@ -8,7 +8,11 @@ its start weights (the run's `init_from`) and its trained weights (`final/`): ta
 GRPO settings (group size, temperature, max_new_tokens) through the GRPO module's own sampling and
 scoring, and report per group
   - distinct responses (exact text), distinct parsed answers (the answer letter plus the boxes),
-  - the zero-variance fraction of the total reward and of its classification component.
+  - the zero-variance fraction of the total reward and of its classification component,
+  - on normal images: the share of responses that earn classification reward (say "normal") and the
+    share of groups holding at least one such response — the only groups whose classification
+    advantage can push towards "normal" — and the mean GRPO advantage (total reward, group-centred
+    and scaled) of those responses: positive means an update makes "normal" more likely.
 Writes <job>/diversity.json ({"start": {...}, "final": {...}}), which
 experiments/ablation/aggregate.py shows beside the metrics.
 
@@ -54,6 +58,7 @@ def probe(cfg: Any, weights: str | Path, prompts: int, seed: int) -> dict[str, f
 
     from anomaly_rl.checkpoints import load_trained_policy
     from anomaly_rl.data.datamodule import load_prompt_batch
+    from anomaly_rl.grpo.advantages import group_advantages
     from anomaly_rl.grpo.module import GRPOModule
     from anomaly_rl.training.prompts import prepare_prompts
 
@@ -69,6 +74,7 @@ def probe(cfg: Any, weights: str | Path, prompts: int, seed: int) -> dict[str, f
     module._sampling_generator = torch.Generator().manual_seed(seed)
     group = int(settings.group_size)
     texts_distinct, answers_distinct, zero_total, zero_cls = [], [], [], []
+    normal_right, normal_groups_right, normal_advantages = [], [], []
     batch_size = int(settings.prompts_per_step)
     for start in range(0, len(samples), batch_size):
         batch = load_prompt_batch(samples[start : start + batch_size])
@@ -77,6 +83,9 @@ def probe(cfg: Any, weights: str | Path, prompts: int, seed: int) -> dict[str, f
             rollout = module._sample(prepared)
         parsed, rewards = module._score(prepared, rollout)
         cls_key = next((k for k in CLASSIFICATION if k in rewards), None)
+        # The advantages this batch would get in a GRPO step (group baseline; the run's scaling).
+        advantages = group_advantages(torch.as_tensor(np.asarray(rewards["total"]), dtype=torch.float64), group,
+                                      settings.scale_rewards, settings.advantage_eps).numpy()
         for g in range(len(batch.samples)):
             rows = range(g * group, (g + 1) * group)
             texts_distinct.append(len({rollout.texts[i].strip() for i in rows}))
@@ -84,7 +93,15 @@ def probe(cfg: Any, weights: str | Path, prompts: int, seed: int) -> dict[str, f
             total = np.asarray(rewards["total"])[list(rows)]
             zero_total.append(float(np.ptp(total) == 0))
             if cls_key:
-                zero_cls.append(float(np.ptp(np.asarray(rewards[cls_key])[list(rows)]) == 0))
+                cls = np.asarray(rewards[cls_key])[list(rows)]
+                zero_cls.append(float(np.ptp(cls) == 0))
+                if not batch.samples[g].is_anomalous:
+                    normal_right.extend((cls > 0).astype(float).tolist())
+                    normal_groups_right.append(float(np.any(cls > 0)))
+                    # GRPO's advantage of those answers on the total reward (group-centred, group-scaled):
+                    # positive means the update makes "normal" more likely, whatever the other terms say.
+                    advantage = advantages[list(rows)]
+                    normal_advantages.extend(advantage[cls > 0].tolist())
     return {
         "groups": len(texts_distinct),
         "group_size": group,
@@ -92,6 +109,11 @@ def probe(cfg: Any, weights: str | Path, prompts: int, seed: int) -> dict[str, f
         "distinct_answers_per_group": float(np.mean(answers_distinct)),
         "zero_std_group_fraction": float(np.mean(zero_total)),
         "zero_std_group_fraction_cls": float(np.mean(zero_cls)) if zero_cls else float("nan"),
+        "normal_images": len(normal_groups_right),
+        "normal_answer_rate_on_normal": float(np.mean(normal_right)) if normal_right else float("nan"),
+        "normal_groups_with_a_normal_answer": float(np.mean(normal_groups_right)) if normal_groups_right else float("nan"),
+        "normal_answers": len(normal_advantages),
+        "normal_answer_advantage_mean": float(np.mean(normal_advantages)) if normal_advantages else float("nan"),
     }
 
 

@@ -73,8 +73,9 @@ NOTES_PLACEHOLDER = "_Placeholder: what the lever runs show, written after them;
 
 def lever_command(lever: str, seed: int, out: Path, extra: list[str]) -> list[str]:
     overrides, _ = LEVERS[lever]
-    # Only the recipe re-evaluates the start (no adaptation): it is the same model on the same split for every lever.
-    before = [] if lever == "recipe" else ["eval.before_grpo=false"]
+    # The start is evaluated only where it is not the base (the recipe's start row is the base on this split,
+    # the same for every lever); a lever with its own short SFT start evaluates that start.
+    before = [] if lever == "recipe" or lever in PRE_SFT_STEPS else ["eval.before_grpo=false"]
     start = [f"init_from={out / f'{lever}_s{seed}_sft'}"] if lever in PRE_SFT_STEPS else []
     return [PY, "-m", "anomaly_rl.train", "+experiment=adapt", f"data.shots={K}", f"seed={seed}",
             "warm_start.batch_size=16", "algo.prompts_per_step=8", "control.enabled=false", *COMMON, *before,
@@ -102,7 +103,9 @@ def read_lever(folder: Path) -> dict[str, Any] | None:
     history = [s for s in _json(history_path) if isinstance(s, dict)] if history_path.is_file() else []
     seconds = _finite((data.get("seconds") or {}).get("final"))
     row = (data.get("rows") or {}).get("grpo") or {}
-    return {"metrics": {key: _finite(row.get(key)) for key, _ in METRICS}, "seconds": seconds,
+    probe_path = folder / "diversity.json"  # experiments/adapt/group_diversity.py, when it was run
+    probe = _json(probe_path) if probe_path.is_file() else {}
+    return {"metrics": {key: _finite(row.get(key)) for key, _ in METRICS}, "seconds": seconds, "probe": probe,
             "steps": len(history), "start": (data.get("rows") or {}).get("start"),
             "curves": {key: (edge_mean(history_values(history, key), end=False),
                              edge_mean(history_values(history, key), end=True))
@@ -149,6 +152,15 @@ def _edges(results: dict[str, Any], key: str) -> str:
     return f"{first.mean:.2f} → {last.mean:.2f}"
 
 
+def _probe(results: dict[str, Any], key: str) -> str:
+    """start → final of a group-diversity probe value, mean over the seeds probed."""
+    first = mean_std((r.get("probe") or {}).get("start", {}).get(key) for r in results.values())
+    last = mean_std((r.get("probe") or {}).get("final", {}).get(key) for r in results.values())
+    if first.mean is None or last.mean is None:
+        return "—"
+    return f"{first.mean:.2f} → {last.mean:.2f}"
+
+
 def render(found: dict[str, Any], out: Path, benchmark: Path | None, command: str) -> str:
     def rel(path: Path | None) -> str:
         if path is None:
@@ -178,8 +190,9 @@ def render(found: dict[str, Any], out: Path, benchmark: Path | None, command: st
         "",
         "| lever | overrides | seeds | " + " | ".join(label for _, label in METRICS)
         + " | gap bal. acc. | gap mean IoU | R_cls first→last 10 | zero-std cls groups first→last 10 "
-          "| zero-std groups first→last 10 | steps | GRPO s |",
-        "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|---|---|",
+          "| zero-std groups first→last 10 | normal images: groups with a \"normal\" answer (probe) "
+          "| normal images: \"normal\" answers (probe) | steps | GRPO s |",
+        "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|---|---|---|---|",
     ]
     for lever, results in found.items():
         overrides = " ".join(f"`{o}`" for o in LEVERS[lever][0]) or "—"
@@ -190,8 +203,23 @@ def render(found: dict[str, Any], out: Path, benchmark: Path | None, command: st
             + f" | {fmt(_pair(results, 'box_mIoU'), signed=True)}"
             + f" | {_edges(results, 'train/reward_cls')} | {_edges(results, 'train/zero_std_group_fraction_cls')}"
             + f" | {_edges(results, 'train/zero_std_group_fraction')}"
+            + f" | {_probe(results, 'normal_groups_with_a_normal_answer')}"
+            + f" | {_probe(results, 'normal_answer_rate_on_normal')}"
             + f" | {fmt(mean_std(r['steps'] for r in results.values()))}"
             + f" | {fmt(mean_std(r['seconds'] for r in results.values()))} |")
+    own_starts = {lever: results for lever, results in found.items()
+                  if lever in PRE_SFT_STEPS and any(r.get("start") for r in results.values())}
+    if own_starts:
+        lines += ["", "## Levers with a start of their own: that start, before GRPO (same split)", "",
+                  "| lever | seeds | " + " | ".join(label for _, label in METRICS) + " | gap bal. acc. | gap mean IoU |",
+                  "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        for lever, results in own_starts.items():
+            starts = {seed: {"metrics": {key: _finite((r.get("start") or {}).get(key)) for key, _ in METRICS},
+                             "reference": r.get("reference")} for seed, r in results.items() if r.get("start")}
+            cells = [fmt(mean_std(r["metrics"][key] for r in starts.values())) for key, _ in METRICS]
+            lines.append(f"| {lever}: start | {', '.join(sorted(starts))} | " + " | ".join(cells)
+                         + f" | {fmt(_pair(starts, 'image_BalancedAccuracy'), signed=True)}"
+                         + f" | {fmt(_pair(starts, 'box_mIoU'), signed=True)} |")
     references = {}
     for results in found.values():
         for seed, result in results.items():
@@ -206,7 +234,12 @@ def render(found: dict[str, Any], out: Path, benchmark: Path | None, command: st
                 row = references[seed].get(arm) or {}
                 lines.append(f"| {seed} | {label} | " + " | ".join(
                     "—" if _finite(row.get(key)) is None else f"{row[key]:.3f}" for key, _ in METRICS) + " |")
-    lines += ["", "## What each lever tests", ""]
+    lines += ["", "The probe columns (`experiments/adapt/group_diversity.py --runs <lever folder>`): G answers "
+              "sampled with the lever's own group size and temperature on the first 32 training images, from "
+              "the start (the base) and from the trained policy, fixed seed; on the normal ones, the share of "
+              "groups holding at least one \"normal\" answer (the only groups whose classification advantage "
+              "points towards \"normal\") and the share of answers that say \"normal\".",
+              "", "## What each lever tests", ""]
     lines += [f"- **{lever}**: {why}" for lever, (_, why) in LEVERS.items() if lever in found]
     return "\n".join(lines) + "\n"
 
