@@ -351,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise AggregationError(f"no k<K>_s<SEED> run folders in {', '.join(map(str, runs_dirs))}")
         args.out_dir.mkdir(parents=True, exist_ok=True)
         plot = plot_curves(runs, args.out_dir / "reward_curves.png")
-        shown = list(sys.argv[1:] if argv is None else argv)
+        # Paths inside the repository are shown relative to it: RESULTS.md names no folder of this machine.
+        shown = [_relative(Path(a)) if Path(a).is_absolute() else a for a in (sys.argv[1:] if argv is None else argv)]
         command = "python experiments/adapt/aggregate.py" + "".join(f" {shlex.quote(a)}" for a in shown)
         text = render(runs, runs_dirs, command, plot.name)
         path = args.out_dir / "RESULTS.md"
