@@ -78,7 +78,7 @@ def test_table_gap_and_curve_edges_match_an_independent_computation(tmp_path: Pa
     rng = np.random.default_rng(1)
     keys = [key for key, _ in levers.METRICS]
     out, bench, docs = tmp_path / "levers", tmp_path / "bench", tmp_path / "docs"
-    docs.mkdir()
+    # docs does not exist yet: write() creates it (levers.py --out-dir for a one-off run)
     expected_gap, cls_first, cls_last = [], [], []
     for seed in (0, 1):
         grpo = {key: float(rng.uniform(0.1, 0.9)) for key in keys}

@@ -3,6 +3,7 @@
     .venv/bin/python experiments/adapt/levers.py --benchmark logs/adapt/runs/<time>      # all levers, seed 0
     .venv/bin/python experiments/adapt/levers.py --levers recipe beta_0 --seeds 0 1 --benchmark DIR
     .venv/bin/python experiments/adapt/levers.py --aggregate logs/adapt/levers/<time> --benchmark DIR
+    .venv/bin/python experiments/adapt/levers.py --levers beta_0 --out-dir /tmp/one_lever ...   # leaves LEVERS.md alone
 
 Every lever is one `python -m anomaly_rl.train +experiment=adapt` run at k = 16 (the benchmark's
 setting: base = the committed warm start, new look = screw), GRPO only (`control.enabled=false`),
@@ -248,6 +249,7 @@ def write(out: Path, benchmark: Path | None, command: str, out_dir: Path = HERE)
     found = collect(out, benchmark)
     if not found:
         raise SystemExit(f"{out}: no finished lever run (a <lever>_s<seed>/results.json)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "LEVERS.md"
     text = render(found, out, benchmark, command)
     target.write_text(merge_notes(text, target.read_text() if target.is_file() else None))
@@ -265,13 +267,16 @@ def main() -> None:
     parser.add_argument("--benchmark", type=Path, default=None,
                         help="a `make adapt` folder: its SFT arm of the same seed is the reference")
     parser.add_argument("--aggregate", type=Path, default=None, help="only rewrite LEVERS.md from this folder")
+    parser.add_argument("--out-dir", type=Path, default=HERE,
+                        help="where LEVERS.md and levers.json go (the table is rebuilt from --out alone: give a "
+                             "scratch folder for a one-off lever run, so the committed table is not replaced)")
     args, extra = parser.parse_known_args()
     benchmark = args.benchmark.resolve() if args.benchmark else None
     if benchmark is not None and not benchmark.is_dir():
         raise SystemExit(f"--benchmark {benchmark}: no such folder")
     command = shlex.join([".venv/bin/python", "experiments/adapt/levers.py", *sys.argv[1:]])
     if args.aggregate:
-        write(args.aggregate.resolve(), benchmark, command)
+        write(args.aggregate.resolve(), benchmark, command, args.out_dir)
         return
     out = (args.out or ROOT / "logs" / "adapt" / "levers" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +288,7 @@ def main() -> None:
     jobs = [Job(f"{lever} seed={seed}", lever_commands(lever, seed, out, extra), out / f"{lever}_s{seed}.log")
             for lever, seed in order]
     failed = run_all(jobs, args.parallel)
-    write(out, benchmark, command)
+    write(out, benchmark, command, args.out_dir)
     if failed:
         raise SystemExit(f"failed lever runs: {failed}")
 
