@@ -4,29 +4,17 @@ reruns, and the plot written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "experiments" / "ablation" / "aggregate.py"
+from tests.scripts import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ablation_aggregate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-agg = _load_script()
+agg = load_script("experiments/ablation/aggregate.py", "ablation_aggregate")
 
 SCHEMA_TARGETS = {
     "adfm": "anomaly_rl.schemas.adfm.AdfmSchema",

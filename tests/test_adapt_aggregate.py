@@ -3,28 +3,16 @@ an independent computation, the separate SFT arm, missing pieces marked, notes k
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "experiments" / "adapt" / "aggregate.py"
+from tests.scripts import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("adapt_aggregate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-agg = _load_script()
+agg = load_script("experiments/adapt/aggregate.py", "adapt_aggregate")
 KEYS = ("image_BalancedAccuracy", "image_AUROC", "box_mIoU", "box_AP50", "schema_valid_rate")
 
 

@@ -3,10 +3,8 @@ and the table's paired gaps and curve edges match an independent computation on 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "experiments" / "adapt" / "levers.py"
+from tests.scripts import REPO_ROOT, load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("adapt_levers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-levers = _load_script()
+levers = load_script("experiments/adapt/levers.py", "adapt_levers")
 
 
 def _compose(overrides: list[str]) -> dict:

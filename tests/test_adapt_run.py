@@ -3,24 +3,13 @@ failures), the lr pick from fake val results, and the job list of the benchmark.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "experiments" / "adapt" / "run_adapt.py"
+from tests.scripts import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("run_adapt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run_adapt = _load_script()
+run_adapt = load_script("experiments/adapt/run_adapt.py", "run_adapt")
 
 
 def _append(path: Path, text: str) -> list[str]:
