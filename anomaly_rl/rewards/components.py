@@ -106,7 +106,7 @@ Overlap = Literal["giou", "iou"]
 OVERLAPS: dict[str, Callable[..., np.ndarray]] = {"giou": giou_matrix, "iou": iou_matrix}
 
 
-def matched_mean_giou(pred: Sequence[Box], true: Sequence[Box], overlap: Overlap = "giou") -> float:
+def matched_mean_overlap(pred: Sequence[Box], true: Sequence[Box], overlap: Overlap = "giou") -> float:
     """Mean over the m predicted boxes of their GIoU (or plain IoU) with a one-to-one (Hungarian) match.
 
     The match maximises the total overlap; predicted boxes left without a partner (m > n) add 0, so
@@ -140,7 +140,7 @@ def r_loc(pred: Sequence[Box], true: Sequence[Box], is_anomalous: bool, overlap:
         return LOC_ONE_REGION if m == 1 else LOC_TOO_MANY
     if m == 0:
         return 0.0
-    r = matched_mean_giou(pred, true, overlap) + LOC_COUNT_WEIGHT * r_count(m, n)
+    r = matched_mean_overlap(pred, true, overlap) + LOC_COUNT_WEIGHT * r_count(m, n)
     return float(np.clip((r + 0.5) / 1.5, 0.0, 1.0))
 
 

@@ -9,7 +9,7 @@ from anomaly_rl.rewards.components import (
     giou,
     inside_image,
     iou,
-    matched_mean_giou,
+    matched_mean_overlap,
     r_cls,
     r_count,
     r_fmt,
@@ -133,7 +133,7 @@ def test_r_loc_hungarian_beats_greedy_matching() -> None:
     # mean = (8/19 + 0.4) / 2 = 0.410526; r = 0.410526 + 0.3 = 0.710526; R = 1.210526 / 1.5 = 0.807018
     pred = [(1, 0, 18, 10), (0, 0, 4, 10)]
     true = [(0, 0, 10, 10), (10, 0, 20, 10)]
-    assert matched_mean_giou(pred, true) == pytest.approx((8 / 19 + 0.4) / 2)
+    assert matched_mean_overlap(pred, true) == pytest.approx((8 / 19 + 0.4) / 2)
     assert r_loc(pred, true, True) == pytest.approx(0.807018, abs=1e-6)
 
 
@@ -142,7 +142,7 @@ def test_r_loc_clips_at_zero() -> None:
     # union 200, enclosing [10,100]x[0,100] = 9000 -> -8800/9000 = -0.97778;
     # r = -0.97778 + 0.3 * (-0.1) = -1.00778 -> (r + 0.5) / 1.5 < 0 -> clipped to 0
     truths = [T, (0, 10, 10, 20), (10, 0, 20, 10)]
-    assert matched_mean_giou([(90, 90, 100, 100)], truths) == pytest.approx(-8800 / 9000)
+    assert matched_mean_overlap([(90, 90, 100, 100)], truths) == pytest.approx(-8800 / 9000)
     assert r_loc([(90, 90, 100, 100)], truths, True) == 0.0
 
 

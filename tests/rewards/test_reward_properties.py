@@ -13,7 +13,7 @@ from anomaly_rl.data.records import Sample
 from anomaly_rl.models.frame import Frame
 from anomaly_rl.rewards.adfm import AdfmReward
 from anomaly_rl.rewards.binary import BinaryReward
-from anomaly_rl.rewards.components import matched_mean_giou, r_loc
+from anomaly_rl.rewards.components import matched_mean_overlap, r_loc
 from anomaly_rl.rewards.iou import IouReward
 from anomaly_rl.rewards.roam import RoamReward
 from anomaly_rl.schemas.config import SCHEMA_NAMES, load_schema
@@ -158,4 +158,4 @@ int_boxes = st.tuples(coords, coords, coords, coords).map(lambda b: (b[0], b[1],
 def test_r_loc_matches_brute_force_assignment(pred: list, true: list) -> None:
     assert math.isclose(r_loc(pred, true, is_anomalous=True), reference_r_loc(pred, true), abs_tol=1e-9)
     if pred and true:
-        assert math.isclose(matched_mean_giou(pred, true), reference_mean_giou(pred, true), abs_tol=1e-9)
+        assert math.isclose(matched_mean_overlap(pred, true), reference_mean_giou(pred, true), abs_tol=1e-9)
